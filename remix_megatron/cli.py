@@ -1,0 +1,96 @@
+"""Command-line entry points: ``remix-megatron <command>`` (or ``python -m remix_megatron.cli``).
+
+Multi-process commands are started by a launcher (torchrun, see launch/); every rank runs
+the same command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from remix_megatron.config import (
+    MODEL_PRESETS, ConfigError, load_config, reference_yaml, save_config, to_yaml, validate_layout,
+)
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="experiment YAML (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tensor_parallel=2")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from remix_megatron.demo import run_demo
+    from remix_megatron.parallel import destroy_parallel
+
+    summary = run_demo(cfg, dump_dir=args.dump, init_from=args.init_from)
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        from pathlib import Path
+
+        path = save_config(cfg, Path(cfg.trainer.run_dir) / "config.yaml",
+                           header={"layout": summary["layout"], "device": summary["device"],
+                                   "dtype": summary["dtype"], "backend": summary["backend"]})
+        print(f"resolved config written to {path}", flush=True)
+    destroy_parallel()
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    if args.action == "reference":
+        sys.stdout.write(reference_yaml())
+        return 0
+    if args.config is None:
+        raise ConfigError(f"'config {args.action}' needs a config file")
+    cfg = load_config(args.config, args.overrides)
+    if args.action == "check":
+        data_parallel = validate_layout(cfg, args.world_size)
+        print(f"OK: world size {args.world_size} = TP{cfg.parallel.tensor_parallel} x "
+              f"PP{cfg.parallel.pipeline_parallel} x DP{data_parallel}")
+        return 0
+    sys.stdout.write(to_yaml(cfg))
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    for name in MODEL_PRESETS.names():
+        preset = MODEL_PRESETS.get(name)
+        print(f"{name:24s} {preset['family']:6s} layers={preset['num_layers']} hidden={preset['hidden_size']} "
+              f"heads={preset['num_attention_heads']}/{preset['num_query_groups']} vocab={preset['vocab_size']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="remix-megatron", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="train the actor and critic a few steps on a synthetic batch at the "
+                                       "configured TP x PP x DP layout (run under torchrun for >1 process)")
+    _add_config_args(demo)
+    demo.add_argument("--dump", default=None, help="write outputs, gradients and parameters here (for tests)")
+    demo.add_argument("--init-from", default=None, help="full (TP=1, PP=1) safetensors to load first")
+    demo.set_defaults(func=_cmd_demo)
+    config = sub.add_parser("config", help="print the reference of all keys, show or check a config")
+    config.add_argument("action", choices=("reference", "show", "check"))
+    config.add_argument("config", nargs="?", default=None, help="experiment YAML (show, check)")
+    config.add_argument("overrides", nargs="*", help="dotted overrides")
+    config.add_argument("--world-size", type=int, default=1, help="ranks to check the layout for (check)")
+    config.set_defaults(func=_cmd_config)
+    presets = sub.add_parser("presets", help="list model presets")
+    presets.set_defaults(func=_cmd_presets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Experiment configuration: schema, model presets, strict YAML loading and validation."""
+
+from remix_megatron.config.loader import (
+    build_config,
+    config_to_dict,
+    load_config,
+    parse_overrides,
+    read_yaml,
+    reference_yaml,
+    save_config,
+    to_yaml,
+    validate_layout,
+)
+from remix_megatron.config.presets import MODEL_PRESETS
+from remix_megatron.config.schema import (
+    ConfigError,
+    ExperimentConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    TrainerConfig,
+)
+
+__all__ = [
+    "ConfigError", "ExperimentConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "TrainerConfig",
+    "MODEL_PRESETS", "build_config", "config_to_dict", "load_config", "parse_overrides", "read_yaml",
+    "reference_yaml", "save_config", "to_yaml", "validate_layout",
+]

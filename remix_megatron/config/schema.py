@@ -1,0 +1,172 @@
+"""The experiment configuration: one frozen, keyword-only dataclass per section.
+
+Every field carries a one-line doc (``metadata["doc"]``) that also lands in the generated
+reference YAML (configs/reference.yaml). Checks that need only one section run in that
+section's ``__post_init__``; checks across sections (heads divisible by TP, world size by
+TP*PP, ...) run in ``remix_megatron.config.validate_layout``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration a user must fix; the message says what and how."""
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    """A dataclass field with a one-line doc and an optional default."""
+    return field(default=default, metadata={"doc": text}, **kwargs)
+
+
+def section(text: str, factory: Any) -> Any:
+    """A nested section field, built from its own defaults."""
+    return field(default_factory=factory, metadata={"doc": text})
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def _require_positive(owner: object, *names: str) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        _require(value > 0, f"{type(owner).__name__}.{name}={value} must be > 0")
+
+
+MODEL_FAMILIES = ("qwen2", "llama")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Transformer architecture. ``preset`` fills every field the YAML does not set."""
+
+    preset: str = doc("model preset whose values fill unset fields (see `remix-megatron presets`); '' for none", "")
+    family: str = doc("architecture family for HF name maps: qwen2 | llama")
+    num_layers: int = doc("transformer layers")
+    hidden_size: int = doc("model width")
+    ffn_hidden_size: int = doc("SwiGLU intermediate width")
+    num_attention_heads: int = doc("query heads")
+    num_query_groups: int = doc("key/value heads (GQA groups); equal to heads for plain MHA")
+    vocab_size: int = doc("rows of the embedding and output layer (must be divisible by tensor_parallel)")
+    max_position_embeddings: int = doc("longest sequence the rotary embedding is built for")
+    rotary_base: float = doc("RoPE theta")
+    norm_epsilon: float = doc("RMSNorm epsilon")
+    add_qkv_bias: bool = doc("bias on the fused QKV projection (Qwen2: true, Llama: false)")
+    tie_word_embeddings: bool = doc("share the input embedding with the output layer")
+
+    def __post_init__(self) -> None:
+        _require_choice("model.family", self.family, MODEL_FAMILIES)
+        _require_positive(self, "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                          "num_query_groups", "vocab_size", "max_position_embeddings", "rotary_base",
+                          "norm_epsilon")
+        _require(self.hidden_size % self.num_attention_heads == 0,
+                 f"model.hidden_size={self.hidden_size} is not divisible by "
+                 f"model.num_attention_heads={self.num_attention_heads}")
+        _require(self.num_attention_heads % self.num_query_groups == 0,
+                 f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                 f"model.num_query_groups={self.num_query_groups}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+BACKENDS = ("auto", "gloo", "nccl")
+PRECISIONS = ("auto", "fp32", "bf16")
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """How models are split over ranks; data parallelism is what the world size leaves."""
+
+    tensor_parallel: int = doc("tensor-parallel size (TP)", 1)
+    pipeline_parallel: int = doc("pipeline-parallel size (PP)", 1)
+    virtual_pipeline: int = doc("model chunks per pipeline rank (interleaved schedule); 1 = off", 1)
+    sequence_parallel: bool = doc("shard activations along the sequence in TP regions (GPU only; needs TP > 1)", False)
+    use_distributed_optimizer: bool = doc("shard optimizer state over data-parallel ranks", False)
+    backend: str = doc("torch.distributed backend: auto (nccl with CUDA, else gloo) | gloo | nccl", "auto")
+    precision: str = doc("parameter dtype: auto (bf16 with CUDA, else fp32) | fp32 | bf16", "auto")
+    transformer_impl: str = doc("layer spec: auto (TransformerEngine with CUDA, else local) | local | transformer_engine", "auto")
+    init_timeout_s: int = doc("seconds to wait for all ranks when starting torch.distributed", 600)
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "tensor_parallel", "pipeline_parallel", "virtual_pipeline", "init_timeout_s")
+        _require_choice("parallel.backend", self.backend, BACKENDS)
+        _require_choice("parallel.precision", self.precision, PRECISIONS)
+        _require_choice("parallel.transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
+        _require(self.virtual_pipeline == 1 or self.pipeline_parallel > 1,
+                 f"parallel.virtual_pipeline={self.virtual_pipeline} needs parallel.pipeline_parallel > 1")
+        _require(not self.sequence_parallel or self.tensor_parallel > 1,
+                 "parallel.sequence_parallel=true needs parallel.tensor_parallel > 1")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """Adam(W) through Megatron's optimizer (constant learning rate, as in the paper)."""
+
+    lr: float = doc("learning rate")
+    weight_decay: float = doc("decoupled weight decay", 0.0)
+    adam_beta1: float = doc("Adam beta1", 0.9)
+    adam_beta2: float = doc("Adam beta2", 0.999)
+    adam_eps: float = doc("Adam epsilon", 1e-8)
+    clip_grad: float = doc("global gradient-norm clip; 0 disables", 1.0)
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, f"optimizer lr={self.lr} must be > 0")
+        _require(self.weight_decay >= 0, f"optimizer weight_decay={self.weight_decay} must be >= 0")
+        _require(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
+                 f"optimizer betas ({self.adam_beta1}, {self.adam_beta2}) must lie in [0, 1)")
+        _require(self.adam_eps > 0, f"optimizer adam_eps={self.adam_eps} must be > 0")
+        _require(self.clip_grad >= 0, f"optimizer clip_grad={self.clip_grad} must be >= 0 (0 disables)")
+
+
+def _actor_optimizer() -> OptimizerConfig:
+    return OptimizerConfig(lr=1e-6)
+
+
+def _critic_optimizer() -> OptimizerConfig:
+    return OptimizerConfig(lr=1e-5)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerConfig:
+    """Batching and run-level settings."""
+
+    seed: int = doc("seed for weights, data order and sampling", 1234)
+    micro_batch_size: int = doc("sequences per micro-batch on one data-parallel rank", 1)
+    global_batch_size: int = doc("sequences per optimizer step over all data-parallel ranks", 4)
+    seq_length: int = doc("tokens per training sequence (prompt + response, padded)", 64)
+    num_steps: int = doc("optimizer steps to run", 3)
+    run_dir: str = doc("directory for the resolved config, metrics and checkpoints", "runs/default")
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "micro_batch_size", "global_batch_size", "seq_length", "num_steps")
+        _require(self.global_batch_size % self.micro_batch_size == 0,
+                 f"trainer.global_batch_size={self.global_batch_size} is not divisible by "
+                 f"trainer.micro_batch_size={self.micro_batch_size}")
+        _require(bool(self.run_dir), "trainer.run_dir must not be empty")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    """One experiment: every section, loaded from one YAML file plus CLI overrides."""
+
+    model: ModelConfig = doc("transformer architecture (actor and critic trunk)")
+    parallel: ParallelConfig = section("parallel layout and hardware choices", ParallelConfig)
+    actor_optimizer: OptimizerConfig = section("actor optimizer (paper: lr 1e-6)", _actor_optimizer)
+    critic_optimizer: OptimizerConfig = section("critic optimizer (paper: lr 1e-5)", _critic_optimizer)
+    trainer: TrainerConfig = section("batching and run settings", TrainerConfig)

@@ -1,0 +1,129 @@
+"""Actor and critic construction: Megatron GPTModel chunks from a ``ModelConfig``.
+
+The actor is a plain GPTModel (logits over the TP-sharded vocabulary). The critic is the
+same trunk whose output layer is a scalar value head. Layer specs come from Megatron: the
+TransformerEngine spec on GPU, the local (pure torch) spec on CPU. One chunk per virtual
+pipeline stage is returned, as Megatron's schedules expect a list of model chunks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from remix_megatron.config import ModelConfig
+from remix_megatron.parallel import ParallelState
+
+
+def transformer_config(model: ModelConfig, state: ParallelState):
+    """The Megatron ``TransformerConfig`` for ``model`` on this layout and hardware.
+
+    Dropout is 0 (RL fine-tuning recomputes log-probs that must match the sampled policy).
+    On CPU, weights are initialised on CPU so that TP shards equal slices of the TP=1 weights
+    for the same seed, and every fusion that needs apex or TransformerEngine stays off.
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    runtime = state.runtime
+    on_cpu = runtime.device.type == "cpu"
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.head_dim,
+        layernorm_epsilon=model.norm_epsilon,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model.add_qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=state.tensor_parallel,
+        pipeline_model_parallel_size=state.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=state.virtual_pipeline if state.virtual_pipeline > 1 else None,
+        sequence_parallel=state.sequence_parallel,
+        params_dtype=runtime.params_dtype,
+        pipeline_dtype=runtime.params_dtype,
+        bf16=runtime.params_dtype == torch.bfloat16,
+        use_cpu_initialization=on_cpu,
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=not on_cpu,
+        bias_activation_fusion=not on_cpu,
+        bias_dropout_fusion=not on_cpu,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def layer_spec(state: ParallelState):
+    """Megatron's layer spec for the resolved transformer implementation."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if state.runtime.transformer_impl == "transformer_engine":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+class ValueHead(torch.nn.Module):
+    """Scalar head standing in for GPTModel's ``output_layer`` in the critic.
+
+    Same call signature as the output layer; returns ``(values [s, b, 1], None)``. Exposes
+    ``weight`` directly because Megatron's checkpoint code looks up ``output_layer.weight``.
+    Replicated on every TP rank: with sequence parallelism off, its input is replicated too,
+    so every TP rank computes identical values and gradients.
+    """
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype, *, init_std: float, seed: int) -> None:
+        super().__init__()
+        # A rank-independent generator: every TP rank must start from the same head, since
+        # nothing synchronises replicated parameters across TP ranks.
+        generator = torch.Generator().manual_seed(seed)
+        weight = torch.randn(1, hidden_size, generator=generator) * init_std
+        self.weight = torch.nn.Parameter(weight.to(dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+        self.sequence_parallel = False  # read by GPTModel's inference path
+
+    def forward(self, hidden_states: torch.Tensor, weight=None, runtime_gather_output=None):
+        return F.linear(hidden_states, self.weight, self.bias), None
+
+
+def _build_chunks(model: ModelConfig, state: ParallelState, *, critic: bool, seed: int = 0) -> list[torch.nn.Module]:
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    chunks = []
+    for vp_stage in range(state.virtual_pipeline):
+        config = transformer_config(model, state)  # one per chunk: the optimizer setup writes to it
+        pre, post = state.chunk_is_first(vp_stage), state.chunk_is_last(vp_stage)
+        gpt = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(state),
+            vocab_size=model.vocab_size,
+            max_sequence_length=model.max_position_embeddings,
+            pre_process=pre,
+            post_process=post,
+            share_embeddings_and_output_weights=model.tie_word_embeddings and not critic,
+            position_embedding_type="rope",
+            rotary_base=int(model.rotary_base),
+            vp_stage=vp_stage if state.virtual_pipeline > 1 else None,
+        )
+        if critic and post:
+            gpt.output_layer = ValueHead(model.hidden_size, state.runtime.params_dtype,
+                                         init_std=config.init_method_std, seed=seed)
+        chunks.append(gpt.to(state.runtime.device))
+    return chunks
+
+
+def build_actor(model: ModelConfig, state: ParallelState) -> list[torch.nn.Module]:
+    """Actor (policy) chunks for this rank: forward returns logits ``[b, s, vocab/tp]``."""
+    return _build_chunks(model, state, critic=False)
+
+
+def build_critic(model: ModelConfig, state: ParallelState, *, seed: int) -> list[torch.nn.Module]:
+    """Critic chunks for this rank: forward returns values ``[b, s, 1]`` on the last stage.
+
+    ``seed`` initialises the value head identically on every rank.
+    """
+    return _build_chunks(model, state, critic=True, seed=seed)

@@ -1,0 +1,63 @@
+"""Megatron DDP wrapping and optimizer construction for actor or critic chunks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from remix_megatron.config import OptimizerConfig, ParallelConfig
+from remix_megatron.parallel import ParallelState
+
+
+@dataclass
+class TrainableModel:
+    """Model chunks wrapped in Megatron DDP, with the optimizer that steps them."""
+
+    chunks: list[torch.nn.Module]  # DDP-wrapped, one per virtual pipeline stage
+    optimizer: object  # megatron.core.optimizer.MegatronOptimizer
+
+    def zero_grad(self) -> None:
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def step(self) -> tuple[bool, float | None]:
+        """One optimizer step; returns (applied, grad norm before clipping)."""
+        applied, grad_norm, _ = self.optimizer.step()
+        return applied, grad_norm
+
+    def unwrapped(self) -> list[torch.nn.Module]:
+        """The bare GPTModel chunks inside the DDP wrappers."""
+        return [chunk.module for chunk in self.chunks]
+
+
+def make_trainable(chunks: list[torch.nn.Module], optim: OptimizerConfig, parallel: ParallelConfig,
+                   state: ParallelState) -> TrainableModel:
+    """Wrap ``chunks`` in Megatron DDP and build Adam through ``get_megatron_optimizer``.
+
+    Gradients are reduced in fp32 after the backward pass (no overlap: simplest and exact);
+    the pipeline schedules call ``finalize_model_grads`` for the DP/embedding reductions.
+    """
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+    )
+    wrapped = [DistributedDataParallel(chunk.config, ddp_config, chunk) for chunk in chunks]
+    no_sync = [chunk.no_sync for chunk in wrapped]
+    for chunk in wrapped:
+        chunk.config.finalize_model_grads_func = finalize_model_grads
+        chunk.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    bf16 = state.runtime.params_dtype == torch.bfloat16
+    megatron_config = MegatronOptimizerConfig(
+        optimizer="adam", lr=optim.lr, min_lr=optim.lr, weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad, bf16=bf16, fp16=False, params_dtype=state.runtime.params_dtype,
+        use_distributed_optimizer=parallel.use_distributed_optimizer,
+    )
+    return TrainableModel(chunks=wrapped, optimizer=get_megatron_optimizer(megatron_config, wrapped))

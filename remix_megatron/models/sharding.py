@@ -1,0 +1,110 @@
+"""Move tensors between one full (TP=1, PP=1) Megatron state dict and TP/PP-sharded chunks.
+
+Names in a full state dict are the ones a single-process GPTModel uses
+(``decoder.layers.{global index}.…``); a chunk's local names count layers from 0, shifted by
+the chunk's pipeline offset. A TP-sharded parameter carries Megatron's
+``tensor_model_parallel`` and ``partition_dim`` attributes; the SwiGLU ``linear_fc1`` holds
+``[gate; up]`` and each rank holds ``[gate shard; up shard]``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+
+from remix_megatron.parallel import ParallelState
+
+_LAYER = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
+_EMBEDDING = "embedding.word_embeddings.weight"
+
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    return getattr(chunk, "module", chunk)
+
+
+def layer_offset(chunk: torch.nn.Module) -> int:
+    """Global index of the chunk's first transformer layer."""
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    model = _unwrap(chunk)
+    return get_transformer_layer_offset(model.config, vp_stage=model.vp_stage)
+
+
+def global_name(local_name: str, offset: int) -> str:
+    match = _LAYER.match(local_name)
+    if match is None:
+        return local_name
+    return f"{match.group(1)}{int(match.group(2)) + offset}{match.group(3)}"
+
+
+def _is_glu_fc1(name: str, model: torch.nn.Module) -> bool:
+    return model.config.gated_linear_unit and ".mlp.linear_fc1." in name
+
+
+def _split_for_rank(name: str, full: torch.Tensor, param: torch.Tensor, model: torch.nn.Module,
+                    state: ParallelState) -> torch.Tensor:
+    if not getattr(param, "tensor_model_parallel", False) or state.tensor_parallel == 1:
+        return full
+    dim, tp, rank = param.partition_dim, state.tensor_parallel, state.tp_rank
+    if _is_glu_fc1(name, model):
+        gate, up = full.chunk(2, dim=dim)
+        return torch.cat([gate.chunk(tp, dim=dim)[rank], up.chunk(tp, dim=dim)[rank]], dim=dim)
+    return full.chunk(tp, dim=dim)[rank]
+
+
+def _join_from_ranks(name: str, shards: list[torch.Tensor], param: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    dim = param.partition_dim
+    if _is_glu_fc1(name, model):
+        halves = [shard.chunk(2, dim=dim) for shard in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+    return torch.cat(shards, dim=dim)
+
+
+def load_full_state_dict(chunks: list[torch.nn.Module], full: Mapping[str, torch.Tensor], state: ParallelState) -> None:
+    """Copy this rank's slices of the full state dict ``full`` into ``chunks`` (strict)."""
+    for chunk in chunks:
+        model = _unwrap(chunk)
+        offset = layer_offset(model)
+        params = dict(model.named_parameters())
+        local = {}
+        for name, own in model.state_dict().items():
+            if name.endswith("_extra_state"):
+                local[name] = own
+                continue
+            source = global_name(name, offset)
+            if source not in full and source == "output_layer.weight" and model.share_embeddings_and_output_weights:
+                source = _EMBEDDING  # tied output layer on the last stage mirrors the embedding
+            if source not in full:
+                raise KeyError(f"full state dict has no {source!r} (needed by local {name!r})")
+            tensor = _split_for_rank(name, full[source], params.get(name, own), model, state)
+            if tensor.shape != own.shape:
+                raise ValueError(f"{source}: slice {tuple(tensor.shape)} does not fit local {name} {tuple(own.shape)}")
+            local[name] = tensor.to(own.dtype).clone()
+        model.load_state_dict(local, strict=True)
+
+
+def iter_full_tensors(chunks: list[torch.nn.Module], state: ParallelState, *, grads: bool = False
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(full name, full tensor)`` for every parameter of this pipeline stage.
+
+    Collective over the TP group: every TP rank of the stage must iterate. With
+    ``grads=True`` yields gradients (Megatron DDP's ``main_grad`` when present) instead.
+    """
+    for chunk in chunks:
+        model = _unwrap(chunk)
+        offset = layer_offset(model)
+        for name, param in model.named_parameters():
+            tensor = param.detach()
+            if grads:
+                tensor = getattr(param, "main_grad", None)
+                tensor = param.grad if tensor is None else tensor
+                if tensor is None:
+                    raise RuntimeError(f"{name} has no gradient")
+            if getattr(param, "tensor_model_parallel", False) and state.tensor_parallel > 1:
+                shards = [torch.empty_like(tensor) for _ in range(state.tensor_parallel)]
+                dist.all_gather(shards, tensor.contiguous(), group=state.tp_group)
+                tensor = _join_from_ranks(name, shards, param, model)
+            yield global_name(name, offset), tensor

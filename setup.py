@@ -1,0 +1,34 @@
+"""remix-megatron: ReMix off-policy RL fine-tuning of LLMs on Megatron-core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="remix-megatron",
+    version="0.1.0",
+    description="Off-policy ReMix (Mix-PPG, KL-convex, policy reincarnation) RL fine-tuning on Megatron-core",
+    packages=find_packages(include=["remix_megatron", "remix_megatron.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # The CPU wheel of torch 2.13.0 is what this project is tested with; an unpinned torch
+        # pulls a multi-GB CUDA build on CPU machines.
+        "torch==2.13.0",
+        # Newest release that installs on Python 3.11; every adaptation in compat/ targets it.
+        "megatron-core==0.16.1",
+        "psutil>=5.9",  # megatron-core uses it (checkpoint save) without declaring it
+        "einops>=0.7",  # likewise
+        "transformers>=4.45,<5",  # 5.x Qwen2Config dropped rope_theta, which the HF maps use
+        "safetensors>=0.4",
+        "pyarrow>=15",
+        "wandb>=0.17",
+        "omegaconf>=2.3",
+        "pyyaml>=6",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.2"],
+        # GPU only: never install on a CPU machine (transformer-engine's PyPI package raises on
+        # import without CUDA, which breaks megatron-core's own imports).
+        "gpu": ["transformer-engine[pytorch]", "vllm", "sglang"],
+    },
+    entry_points={"console_scripts": ["remix-megatron=remix_megatron.cli:main"]},
+)

@@ -1,0 +1,37 @@
+"""Resolving 'auto' hardware choices and rejecting impossible ones, with and without CUDA."""
+
+import pytest
+import torch
+
+from remix_megatron.config import ConfigError, ParallelConfig
+from remix_megatron.parallel import resolve_runtime
+
+pytestmark = pytest.mark.unit
+
+
+def test_auto_on_cpu():
+    rt = resolve_runtime(ParallelConfig(), cuda_available=False)
+    assert (rt.device.type, rt.backend, rt.params_dtype, rt.transformer_impl) == ("cpu", "gloo", torch.float32, "local")
+
+
+def test_auto_on_gpu(monkeypatch):
+    monkeypatch.setattr("remix_megatron.parallel.transformer_engine_installed", lambda: True)
+    rt = resolve_runtime(ParallelConfig(), cuda_available=True)
+    assert (rt.device.type, rt.backend, rt.params_dtype, rt.transformer_impl) == (
+        "cuda", "nccl", torch.bfloat16, "transformer_engine")
+
+
+def test_gpu_without_transformer_engine_falls_back_to_local(monkeypatch):
+    monkeypatch.setattr("remix_megatron.parallel.transformer_engine_installed", lambda: False)
+    assert resolve_runtime(ParallelConfig(), cuda_available=True).transformer_impl == "local"
+
+
+@pytest.mark.parametrize(("kwargs", "expected"), [
+    (dict(backend="nccl"), "backend=nccl needs CUDA"),
+    (dict(precision="bf16"), "precision=bf16 needs CUDA"),
+    (dict(transformer_impl="transformer_engine"), "needs CUDA GPUs and the transformer-engine package"),
+    (dict(tensor_parallel=2, sequence_parallel=True), "sequence_parallel=true needs the TransformerEngine"),
+])
+def test_impossible_choices_on_cpu(kwargs, expected):
+    with pytest.raises(ConfigError, match=expected):
+        resolve_runtime(ParallelConfig(**kwargs), cuda_available=False)
