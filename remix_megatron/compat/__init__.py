@@ -20,3 +20,23 @@ def check_megatron_version() -> str:
         warnings.warn(f"megatron-core {installed} is installed; remix-megatron is tested with "
                       f"{MEGATRON_CORE_VERSION} (pip install megatron-core=={MEGATRON_CORE_VERSION})", stacklevel=2)
     return installed
+
+
+def transformer_config_adaptations(*, device_type: str, backend: str) -> dict:
+    """TransformerConfig settings that this hardware / backend needs, as keyword arguments.
+
+    - CPU: initialise weights on CPU (TP shards then equal slices of the TP=1 weights for the
+      same seed) and keep the fused kernels off (they need apex or CUDA).
+    - gloo: no batched pipeline p2p. Batched send/recv posts both directions to the same peer
+      at once, and gloo matches messages per peer in posting order; with PP=2 and the
+      interleaved schedule the previous and next stage are the same rank, so activations and
+      gradients of the same shape swap places (measured: wrong gradients, right forward).
+      Megatron's unbatched path sends the two directions over different groups.
+    """
+    adaptations: dict = {}
+    if device_type == "cpu":
+        adaptations.update(use_cpu_initialization=True, masked_softmax_fusion=False,
+                           bias_activation_fusion=False, bias_dropout_fusion=False)
+    if backend == "gloo":
+        adaptations.update(batch_p2p_comm=False)
+    return adaptations

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from remix_megatron.compat import transformer_config_adaptations
 from remix_megatron.config import ModelConfig
 from remix_megatron.parallel import ParallelState
 
@@ -19,13 +20,12 @@ def transformer_config(model: ModelConfig, state: ParallelState):
     """The Megatron ``TransformerConfig`` for ``model`` on this layout and hardware.
 
     Dropout is 0 (RL fine-tuning recomputes log-probs that must match the sampled policy).
-    On CPU, weights are initialised on CPU so that TP shards equal slices of the TP=1 weights
-    for the same seed, and every fusion that needs apex or TransformerEngine stays off.
+    Hardware-specific settings (CPU, gloo) come from ``compat``.
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     runtime = state.runtime
-    on_cpu = runtime.device.type == "cpu"
+    adaptations = transformer_config_adaptations(device_type=runtime.device.type, backend=runtime.backend)
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -48,13 +48,10 @@ def transformer_config(model: ModelConfig, state: ParallelState):
         params_dtype=runtime.params_dtype,
         pipeline_dtype=runtime.params_dtype,
         bf16=runtime.params_dtype == torch.bfloat16,
-        use_cpu_initialization=on_cpu,
-        gradient_accumulation_fusion=False,
-        masked_softmax_fusion=not on_cpu,
-        bias_activation_fusion=not on_cpu,
-        bias_dropout_fusion=not on_cpu,
+        gradient_accumulation_fusion=False,  # needs apex
         apply_rope_fusion=False,
         persist_layer_norm=False,
+        **adaptations,
     )
 
 

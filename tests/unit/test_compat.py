@@ -80,3 +80,11 @@ def test_version_check_warns_on_mismatch(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.99.0")
     with pytest.warns(UserWarning, match="megatron-core 0.99.0 is installed"):
         compat.check_megatron_version()
+
+
+def test_transformer_config_adaptations():
+    from remix_megatron.compat import transformer_config_adaptations
+
+    cpu = transformer_config_adaptations(device_type="cpu", backend="gloo")
+    assert cpu["use_cpu_initialization"] and not cpu["batch_p2p_comm"] and not cpu["masked_softmax_fusion"]
+    assert transformer_config_adaptations(device_type="cuda", backend="nccl") == {}
