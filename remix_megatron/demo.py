@@ -1,120 +1,125 @@
 """The smallest real thing the package does end to end, until the RL trainer lands.
 
-Builds the actor and the critic from a config at its TP x PP x DP layout, runs
-``trainer.num_steps`` optimizer steps of both through Megatron's pipeline schedules on a
-seeded synthetic batch (actor: a policy-gradient surrogate with an entropy bonus on fixed
-advantages; critic: squared error to fixed returns), and prints a summary. It is a check
-that the parallel machinery works, not ReMix: the RL losses arrive with the trainer.
+Builds the actor and the critic from a config at its TP x PP x DP layout and runs
+``trainer.num_steps`` ReMix updates of both through Megatron's pipeline schedules, on one
+seeded synthetic batch that stands in for a rollout: random token sequences with responses
+of varied lengths, 0/1 outcome rewards on their last token, and samples of every age in the
+replay window whose behaviour log-probs are the current policy's, perturbed more the older
+the sample. From the real forward passes it computes pi_k log-probs and values, the
+configured advantages (V-trace GAE by default), then optimises the configured actor loss
+(Mix-PPG + entropy + KL-convex) and the clipped value loss. It exercises every piece built
+so far; it is not RL (no generation, no rewards from a task).
 
-``dump_dir`` writes, as safetensors, what the multi-process tests compare across layouts:
-per-token log-probs/entropies/values, full (TP-gathered) gradients of the first step and
-full parameters before and after training, one file per pipeline stage.
+``dump_dir`` writes, as safetensors/JSON, what the multi-process tests compare across
+layouts: per-token log-probs/entropies/values, full (TP-gathered) gradients of the first
+step, full parameters before and after training (one file per pipeline stage) and the
+first step's loss metrics.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from remix_megatron.config import ExperimentConfig
-from remix_megatron.models import (
-    build_actor, build_critic, iter_full_tensors, load_full_state_dict, make_trainable,
-    vocab_parallel_logprobs_entropy,
+from remix_megatron.algorithms import ADVANTAGE_ESTIMATORS, ActorLossInputs, AdvantageInputs, kl_lambda
+from remix_megatron.algorithms import check_algorithm_names
+from remix_megatron.algorithms.megatron_adapter import (
+    CriticTargets, MicroBatch, actor_loss_builder, critic_loss_builder, forward_logprobs, forward_values,
+    reduce_metrics, run_pipeline,
 )
+from remix_megatron.config import ExperimentConfig
+from remix_megatron.models import build_actor, build_critic, iter_full_tensors, load_full_state_dict, make_trainable
 from remix_megatron.parallel import ParallelState, init_parallel
 
-ENTROPY_COEF = 0.01
+PROMPT_TOKENS = 4
 
 
 @dataclass(frozen=True)
-class SyntheticBatch:
-    """The global batch, identical on every rank: ``[global_batch, seq]`` tensors."""
+class SyntheticRollout:
+    """A global batch standing in for collected trajectories, identical on every rank."""
 
-    tokens: torch.Tensor
-    labels: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
+    tokens: torch.Tensor  # [B, S]
+    labels: torch.Tensor  # [B, S]
+    loss_mask: torch.Tensor  # [B, S] response tokens
+    rewards: torch.Tensor  # [B, S] outcome on the last response token
+    sample_age: torch.Tensor  # [B] iterations since generation
+    noise: torch.Tensor  # [3, B, S] perturbations for behaviour / reference / precedent log-probs
 
     @staticmethod
-    def make(cfg: ExperimentConfig) -> "SyntheticBatch":
+    def make(cfg: ExperimentConfig) -> "SyntheticRollout":
         gen = torch.Generator().manual_seed(cfg.trainer.seed)
-        shape = (cfg.trainer.global_batch_size, cfg.trainer.seq_length)
-        sequence = torch.randint(0, cfg.model.vocab_size, (shape[0], shape[1] + 1), generator=gen)
-        return SyntheticBatch(tokens=sequence[:, :-1].contiguous(), labels=sequence[:, 1:].contiguous(),
-                              advantages=torch.randn(shape, generator=gen), returns=torch.randn(shape, generator=gen))
+        batch, seq = cfg.trainer.global_batch_size, cfg.trainer.seq_length
+        sequence = torch.randint(0, cfg.model.vocab_size, (batch, seq + 1), generator=gen)
+        lengths = torch.randint(1, seq - PROMPT_TOKENS + 1, (batch,), generator=gen)
+        positions = torch.arange(seq)
+        loss_mask = ((positions >= PROMPT_TOKENS) & (positions < PROMPT_TOKENS + lengths[:, None])).float()
+        rewards = torch.zeros(batch, seq)
+        rewards[torch.arange(batch), PROMPT_TOKENS + lengths - 1] = torch.randint(0, 2, (batch,), generator=gen).float()
+        return SyntheticRollout(tokens=sequence[:, :-1].contiguous(), labels=sequence[:, 1:].contiguous(),
+                                loss_mask=loss_mask, rewards=rewards,
+                                sample_age=torch.arange(batch) % (cfg.algorithm.replay_window + 1),
+                                noise=torch.randn(3, batch, seq, generator=gen))
 
-    def micro_batches(self, state: ParallelState, micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
-        """This DP rank's contiguous share of the batch, cut into micro-batches."""
-        rows = self.tokens.size(0) // state.data_parallel
-        start = state.dp_rank * rows
-        seq = self.tokens.size(1)
-        position_ids = torch.arange(seq).unsqueeze(0).expand(micro_batch_size, -1)
-        causal_mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1).view(1, 1, seq, seq)
-        device = state.runtime.device
-        out = []
-        for first in range(start, start + rows, micro_batch_size):
-            rows_slice = slice(first, first + micro_batch_size)
-            fields = dict(tokens=self.tokens, labels=self.labels, advantages=self.advantages, returns=self.returns)
-            batch = {name: value[rows_slice].to(device) for name, value in fields.items()}
-            batch.update(position_ids=position_ids.to(device), attention_mask=causal_mask.to(device))
-            out.append(batch)
-        return out
+    def rows(self, state: ParallelState) -> slice:
+        """This DP rank's contiguous share of the batch."""
+        per_rank = self.tokens.size(0) // state.data_parallel
+        return slice(state.dp_rank * per_rank, (state.dp_rank + 1) * per_rank)
 
 
-def _actor_loss(batch, state: ParallelState, logits: torch.Tensor):
-    logprobs, entropy = vocab_parallel_logprobs_entropy(logits, batch["labels"], state.tp_group)
-    per_token = -(logprobs * batch["advantages"]) - ENTROPY_COEF * entropy
-    num_tokens = torch.tensor(per_token.numel(), dtype=torch.int, device=per_token.device)
-    loss_sum = per_token.sum()
-    return loss_sum, num_tokens, {"loss": torch.stack([loss_sum.detach(), num_tokens.float()]),
-                                  "logprobs": logprobs.detach(), "entropy": entropy.detach()}
-
-
-def _critic_loss(batch, state: ParallelState, values: torch.Tensor):
-    values = values.squeeze(-1).float()
-    per_token = 0.5 * (values - batch["returns"]) ** 2
-    num_tokens = torch.tensor(per_token.numel(), dtype=torch.int, device=per_token.device)
-    loss_sum = per_token.sum()
-    return loss_sum, num_tokens, {"loss": torch.stack([loss_sum.detach(), num_tokens.float()]),
-                                  "values": values.detach()}
-
-
-def _run_schedule(chunks, micro_batches, loss_fn, state: ParallelState, cfg: ExperimentConfig, *, forward_only: bool):
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
-        return output, partial(loss_fn, batch, state)
-
-    num_micro = len(micro_batches)
-    iterators = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
-    with torch.no_grad() if forward_only else torch.enable_grad():
-        return get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iterators, model=chunks, num_microbatches=num_micro,
-            seq_length=cfg.trainer.seq_length, micro_batch_size=cfg.trainer.micro_batch_size,
-            forward_only=forward_only)
-
-
-def _global_mean_loss(logs: list[dict], state: ParallelState) -> float | None:
-    """Token-mean loss over the whole global batch (last stage only; None elsewhere)."""
-    if not state.is_last_stage:
-        return None
-    total = torch.stack([entry["loss"] for entry in logs]).sum(0)
-    dist.all_reduce(total, group=state.dp_group)
-    return (total[0] / total[1]).item()
-
-
-def _gather_rows(logs: list[dict], key: str, state: ParallelState) -> torch.Tensor:
-    local = torch.cat([entry[key] for entry in logs]).cpu()
+def _gather_rows(local: torch.Tensor, state: ParallelState) -> torch.Tensor:
     parts = [torch.empty_like(local) for _ in range(state.data_parallel)]
     dist.all_gather(parts, local.contiguous(), group=state.dp_group)
     return torch.cat(parts)
+
+
+def _micro_batches(rollout: SyntheticRollout, rows: slice, size: int, actor: ActorLossInputs | None = None,
+                   critic: CriticTargets | None = None) -> list[MicroBatch]:
+    """Cut this rank's rows into micro-batches (``actor``/``critic`` hold this rank's rows)."""
+    def cut(record, part):
+        if record is None:
+            return None
+        return type(record)(**{name: value[part] for name, value in vars(record).items()})
+
+    out = []
+    for start in range(0, rows.stop - rows.start, size):
+        part = slice(start, start + size)
+        rows_part = slice(rows.start + start, rows.start + start + size)
+        out.append(MicroBatch(tokens=rollout.tokens[rows_part], labels=rollout.labels[rows_part],
+                              actor=cut(actor, part), critic=cut(critic, part)))
+    return out
+
+
+def _prepare_losses(cfg: ExperimentConfig, rollout: SyntheticRollout, actor, critic, state: ParallelState):
+    """pi_k log-probs and values from real forward passes, then advantages over the global batch."""
+    rows = rollout.rows(state)
+    plain = _micro_batches(rollout, rows, cfg.trainer.micro_batch_size)
+    pik_local, entropy_local = forward_logprobs(actor.chunks, plain, state)
+    values_local = forward_values(critic.chunks, plain, state)
+    pik, entropy, values = (_gather_rows(t.cpu(), state) for t in (pik_local, entropy_local, values_local))
+    age = rollout.sample_age.float().unsqueeze(-1)
+    behaviour = pik - 0.05 * age * rollout.noise[0].abs()  # older samples: further-off behaviour policies
+    estimator = ADVANTAGE_ESTIMATORS.get(cfg.algorithm.advantage_estimator)
+    advantage = estimator(AdvantageInputs(
+        rewards=rollout.rewards, mask=rollout.loss_mask, values=values, pik_logprobs=pik,
+        behaviour_logprobs=behaviour, scores=rollout.rewards.sum(-1),
+        group_ids=torch.arange(rollout.tokens.size(0)) // 2), cfg.algorithm)
+    actor_inputs = ActorLossInputs(
+        loss_mask=rollout.loss_mask[rows], advantages=advantage.advantages[rows],
+        behaviour_logprobs=behaviour[rows], pik_logprobs=pik[rows],
+        ref_logprobs=(pik + 0.02 * rollout.noise[1])[rows], prev_logprobs=(pik + 0.01 * rollout.noise[2])[rows],
+        sample_age=rollout.sample_age[rows])
+    actor_batches = _micro_batches(rollout, rows, cfg.trainer.micro_batch_size, actor=actor_inputs)
+    critic_batches = None
+    if advantage.returns is not None:
+        targets = CriticTargets(loss_mask=rollout.loss_mask[rows], old_values=values[rows],
+                                returns=advantage.returns[rows])
+        critic_batches = _micro_batches(rollout, rows, cfg.trainer.micro_batch_size, critic=targets)
+    return {"logprobs": pik, "entropy": entropy, "values": values}, actor_batches, critic_batches
 
 
 def _save_stage_tensors(dump_dir: Path | None, name: str, models: dict, state: ParallelState, *, grads: bool) -> None:
@@ -145,8 +150,7 @@ def _count_parameters(models: dict, state: ParallelState) -> dict[str, int]:
         local = 0
         for chunk in model.unwrapped():
             for param in chunk.parameters():
-                sharded = getattr(param, "tensor_model_parallel", False)
-                if sharded or state.tp_rank == 0:
+                if getattr(param, "tensor_model_parallel", False) or state.tp_rank == 0:
                     local += param.numel()
         total = torch.tensor([local if state.dp_rank == 0 else 0], dtype=torch.long)
         dist.all_reduce(total)
@@ -154,9 +158,21 @@ def _count_parameters(models: dict, state: ParallelState) -> dict[str, int]:
     return counts
 
 
+def _train_step(model, batches, builder, state, dump, name, step) -> dict[str, float]:
+    model.zero_grad()
+    logs = run_pipeline(model.chunks, batches, builder, state, forward_only=False)
+    if step == 1 and dump is not None:
+        _save_stage_tensors(dump, f"grads_{name}", {name: model}, state, grads=True)
+    applied, grad_norm = model.step()
+    metrics = reduce_metrics(logs, state)
+    metrics.update(grad_norm=grad_norm, step_applied=float(applied))
+    return metrics
+
+
 def run_demo(cfg: ExperimentConfig, *, dump_dir: str | None = None, init_from: str | None = None) -> dict:
-    """Build, train ``num_steps`` steps, print a summary on rank 0; returns the summary."""
+    """Build, run ``num_steps`` ReMix updates, print a summary on rank 0; returns the summary."""
     start = time.perf_counter()
+    check_algorithm_names(cfg.algorithm.policy_loss, cfg.algorithm.advantage_estimator)
     state = init_parallel(cfg)
     actor = make_trainable(build_actor(cfg.model, state), cfg.actor_optimizer, cfg.parallel, state)
     critic = make_trainable(build_critic(cfg.model, state, seed=cfg.trainer.seed), cfg.critic_optimizer,
@@ -167,43 +183,37 @@ def run_demo(cfg: ExperimentConfig, *, dump_dir: str | None = None, init_from: s
         dump.mkdir(parents=True, exist_ok=True)
     if init_from:
         _load_initial_weights(Path(init_from), models, state)
-    for model in models.values():  # copy loaded weights into the optimizer's fp32 main params
+    for model in models.values():  # copy loaded weights into the optimizer's main params
         model.optimizer.reload_model_params()
     _save_stage_tensors(dump, "init", models, state, grads=False)
     build_s = time.perf_counter() - start
 
-    batch = SyntheticBatch.make(cfg)
-    micro = batch.micro_batches(state, cfg.trainer.micro_batch_size)
-    actor_fwd = _run_schedule(actor.chunks, micro, _actor_loss, state, cfg, forward_only=True)
-    critic_fwd = _run_schedule(critic.chunks, micro, _critic_loss, state, cfg, forward_only=True)
-    if state.is_last_stage:
-        outputs = {"logprobs": _gather_rows(actor_fwd, "logprobs", state),
-                   "entropy": _gather_rows(actor_fwd, "entropy", state),
-                   "values": _gather_rows(critic_fwd, "values", state)}
-        if dump is not None and state.tp_rank == 0 and state.dp_rank == 0:
-            from safetensors.torch import save_file
+    rollout = SyntheticRollout.make(cfg)
+    outputs, actor_batches, critic_batches = _prepare_losses(cfg, rollout, actor, critic, state)
+    if dump is not None and state.rank == 0:
+        from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in outputs.items()}, str(dump / "outputs.safetensors"))
+        save_file({k: v.contiguous() for k, v in outputs.items()}, str(dump / "outputs.safetensors"))
 
     history = []
     step_start = time.perf_counter()
-    for step in range(cfg.trainer.num_steps):
-        record = {"step": step}
-        for name, model, loss_fn in (("actor", actor, _actor_loss), ("critic", critic, _critic_loss)):
-            model.zero_grad()
-            logs = _run_schedule(model.chunks, micro, loss_fn, state, cfg, forward_only=False)
-            if step == 0 and dump is not None:
-                _save_stage_tensors(dump, f"grads_{name}", {name: model}, state, grads=True)
-            applied, grad_norm = model.step()
-            record[f"{name}_loss"] = _global_mean_loss(logs, state)
-            record[f"{name}_grad_norm"] = grad_norm
-            record[f"{name}_step_applied"] = applied
+    for step in range(1, cfg.trainer.num_steps + 1):
+        weight = kl_lambda(step, cfg.algorithm)
+        record = {"step": step, "actor": _train_step(actor, actor_batches, actor_loss_builder(
+            cfg.algorithm, state, kl_lambda=weight), state, dump, "actor", step)}
+        if critic_batches is not None:
+            record["critic"] = _train_step(critic, critic_batches, critic_loss_builder(cfg.algorithm), state,
+                                           dump, "critic", step)
         history.append(record)
-        if state.rank == state.world_size - 1:  # a last-stage rank knows the losses
-            print(f"step {step}: actor loss {record['actor_loss']:.5f} (grad norm {record['actor_grad_norm']:.4f})"
-                  f" | critic loss {record['critic_loss']:.5f} (grad norm {record['critic_grad_norm']:.4f})",
+        if state.rank == 0:
+            a, c = record["actor"], record.get("critic", {})
+            print(f"step {step}: actor pg_loss {a['pg_loss']:+.5f} clip_frac {a['clip_frac']:.3f} "
+                  f"ratio {a['ratio_mean']:.4f} (max {a['ratio_max']:.3f}) kl_ref {a['kl_ref']:.2e} "
+                  f"entropy {a['entropy']:.3f} | critic value_loss {c.get('value_loss', float('nan')):.5f}",
                   flush=True)
     train_s = time.perf_counter() - step_start
+    if dump is not None and state.rank == 0:
+        (dump / "metrics.json").write_text(json.dumps(history[0], indent=1))
     _save_stage_tensors(dump, "final", models, state, grads=False)
     counts = _count_parameters(models, state)
     summary = {"layout": f"TP{state.tensor_parallel} x PP{state.pipeline_parallel} x DP{state.data_parallel}",

@@ -13,6 +13,7 @@ from remix_megatron.config.loader import (
 )
 from remix_megatron.config.presets import MODEL_PRESETS
 from remix_megatron.config.schema import (
+    AlgorithmConfig,
     ConfigError,
     ExperimentConfig,
     ModelConfig,
@@ -22,7 +23,7 @@ from remix_megatron.config.schema import (
 )
 
 __all__ = [
-    "ConfigError", "ExperimentConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "TrainerConfig",
+    "AlgorithmConfig", "ConfigError", "ExperimentConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "TrainerConfig",
     "MODEL_PRESETS", "build_config", "config_to_dict", "load_config", "parse_overrides", "read_yaml",
     "reference_yaml", "save_config", "to_yaml", "validate_layout",
 ]

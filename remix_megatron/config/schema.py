@@ -161,6 +161,77 @@ class TrainerConfig:
         _require(bool(self.run_dir), "trainer.run_dir must not be empty")
 
 
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+GRPO_REPLAY_ADVANTAGES = ("stored", "recompute")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlgorithmConfig:
+    """ReMix and its on-policy special cases (PPO, GRPO): losses, advantages, schedules.
+
+    Defaults are the paper's ReMix-PPO (../shared/REMIX.md). Steps t count from 1.
+    """
+
+    policy_loss: str = doc("registered policy loss: mix_ppg (generalised clip) | ppo", "mix_ppg")
+    advantage_estimator: str = doc("registered advantage estimator: vtrace_gae | gae | grpo", "vtrace_gae")
+    clip_eps_low: float = doc("clip half-width below the centre", 0.2)
+    clip_eps_high: float = doc("clip half-width above the centre (> low = clip-higher)", 0.2)
+    dual_clip_c: float = doc("dual-clip bound c > 1 on negative-advantage tokens; 0 = off", 0.0)
+    loss_agg: str = doc("token_mean | seq_mean_token_mean | seq_mean_token_sum | token_sum_norm", "token_mean")
+    loss_agg_norm_tokens: int = doc("token_sum_norm only: constant tokens per sequence to divide by", 0)
+    entropy_coef: float = doc("entropy bonus c in loss = L_pg - c*H + beta*L_kl", 0.001)
+    kl_coef: float = doc("beta, the weight of the KL(-convex) term; 0 = no KL term", 0.001)
+    kl_estimator: str = doc("per-token KL estimator: k1 | k2 | k3 (low-variance, clamped)", "k3")
+    kl_convex: bool = doc("KL-convex: mix KL to the reference and to the precedent policy by lambda(t); "
+                          "false = KL to the reference only", True)
+    kl_lambda_start: int = doc("lambda(t) = 1 up to this step", 50)
+    kl_lambda_interval: int = doc("steps between lambda decrements", 10)
+    kl_lambda_decay: float = doc("lambda decrement per interval", 0.1)
+    kl_lambda_floor: float = doc("lowest lambda", 0.5)
+    gamma: float = doc("discount", 1.0)
+    lam: float = doc("GAE lambda", 1.0)
+    vtrace_c_bar: float = doc("V-trace truncation of pi_k/behaviour in GAE traces", 1.0)
+    whiten_advantages: bool = doc("normalise advantages over the batch's valid tokens (GAE estimators)", True)
+    grpo_norm_std: bool = doc("GRPO: divide by the group's reward std (false = Dr.GRPO mean-only)", True)
+    grpo_eps: float = doc("GRPO: added to the group std", 1e-6)
+    grpo_replay_advantage: str = doc("GRPO replayed samples: stored (advantage of their own group when "
+                                     "generated) | recompute (again from the stored group rewards)", "stored")
+    value_clip: float = doc("critic value clip range around the values at collection", 0.5)
+    off_policy_portion: float = doc("p: share of each batch replayed from earlier policies", 0.4)
+    replay_window: int = doc("N: replay from iterations k-N .. k-1", 2)
+    utd: int = doc("update-to-data ratio: passes over each mixed batch", 2)
+    fresh_multiple_of: int = doc("fresh prompts per step are rounded down to a multiple of this "
+                                 "(the paper's 152 of 256 at p=0.4 is floor(153.6/8)*8)", 8)
+    reincarnation_step: int = doc("T: after step T the reference becomes the policy and training turns "
+                                  "on-policy; 0 = never", 50)
+    post_reincarnation_utd: int = doc("UTD after reincarnation", 1)
+
+    def __post_init__(self) -> None:
+        _require(self.clip_eps_low > 0 and self.clip_eps_high > 0,
+                 f"algorithm clip_eps_low={self.clip_eps_low}, clip_eps_high={self.clip_eps_high} must be > 0")
+        _require(self.dual_clip_c == 0 or self.dual_clip_c > 1,
+                 f"algorithm.dual_clip_c={self.dual_clip_c} must be 0 (off) or > 1")
+        _require_choice("algorithm.loss_agg", self.loss_agg, LOSS_AGGREGATIONS)
+        _require(self.loss_agg != "token_sum_norm" or self.loss_agg_norm_tokens > 0,
+                 "algorithm.loss_agg=token_sum_norm needs algorithm.loss_agg_norm_tokens > 0 "
+                 "(e.g. the maximum response length)")
+        _require_choice("algorithm.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _require_choice("algorithm.grpo_replay_advantage", self.grpo_replay_advantage, GRPO_REPLAY_ADVANTAGES)
+        for name in ("entropy_coef", "kl_coef", "kl_lambda_start", "kl_lambda_decay", "value_clip",
+                     "replay_window", "reincarnation_step"):
+            _require(getattr(self, name) >= 0, f"algorithm.{name}={getattr(self, name)} must be >= 0")
+        _require_positive(self, "kl_lambda_interval", "utd", "post_reincarnation_utd", "fresh_multiple_of",
+                          "vtrace_c_bar", "grpo_eps")
+        _require(0 <= self.kl_lambda_floor <= 1, f"algorithm.kl_lambda_floor={self.kl_lambda_floor} must lie in [0, 1]")
+        _require(0 < self.gamma <= 1 and 0 <= self.lam <= 1,
+                 f"algorithm gamma={self.gamma} must lie in (0, 1] and lam={self.lam} in [0, 1]")
+        _require(0 <= self.off_policy_portion < 1,
+                 f"algorithm.off_policy_portion={self.off_policy_portion} must lie in [0, 1)")
+        _require(self.off_policy_portion == 0 or self.replay_window > 0,
+                 f"algorithm.off_policy_portion={self.off_policy_portion} needs algorithm.replay_window >= 1")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
     """One experiment: every section, loaded from one YAML file plus CLI overrides."""
@@ -169,4 +240,5 @@ class ExperimentConfig:
     parallel: ParallelConfig = section("parallel layout and hardware choices", ParallelConfig)
     actor_optimizer: OptimizerConfig = section("actor optimizer (paper: lr 1e-6)", _actor_optimizer)
     critic_optimizer: OptimizerConfig = section("critic optimizer (paper: lr 1e-5)", _critic_optimizer)
+    algorithm: AlgorithmConfig = section("ReMix / PPO / GRPO losses, advantages and schedules", AlgorithmConfig)
     trainer: TrainerConfig = section("batching and run settings", TrainerConfig)

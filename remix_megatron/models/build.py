@@ -48,6 +48,9 @@ def transformer_config(model: ModelConfig, state: ParallelState):
         params_dtype=runtime.params_dtype,
         pipeline_dtype=runtime.params_dtype,
         bf16=runtime.params_dtype == torch.bfloat16,
+        # Losses return (sum, denominator); gradients are divided by the denominator summed
+        # over micro-batches and DP ranks (see algorithms/megatron_adapter.py).
+        calculate_per_token_loss=True,
         gradient_accumulation_fusion=False,  # needs apex
         apply_rope_fusion=False,
         persist_layer_norm=False,

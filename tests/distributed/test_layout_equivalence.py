@@ -1,9 +1,11 @@
 """Real Megatron-core on gloo: every TP/PP/DP layout computes what one process computes.
 
-A 1-process TP1/PP1 run of the demo (actor + critic, 3 Adam steps) is the reference. Each
-layout loads the reference's initial weights, then must give the same per-token log-probs,
-entropies and critic values, the same full gradients of the first step, and the same
-parameters after 3 optimizer steps (1e-5). The learning rate is large enough that wrong
+A 1-process TP1/PP1 run of the demo (actor with the full ReMix loss + critic with the
+clipped value loss, 3 Adam steps, responses of different lengths so DP ranks hold different
+token counts) with 4 micro-batches is the reference. Each layout loads the reference's
+initial weights, then must give the same per-token log-probs, entropies and critic values,
+the same loss metrics, the same full gradients of the first step, and the same parameters
+after 3 optimizer steps (1e-5). The learning rate is large enough that wrong
 gradients would move the parameters far outside that tolerance (checked below). Adam's
 epsilon is 1e-6 rather than 1e-8: near-zero gradients make an Adam step sensitive to float
 rounding by lr/eps, which at eps=1e-8 turns 1e-10 summation-order noise into 1e-5 updates.
@@ -11,6 +13,7 @@ rounding by lr/eps, which at eps=1e-8 turns 1e-10 summation-order noise into 1e-
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,7 @@ BASE = ["configs/tiny_cpu.yaml", "trainer.global_batch_size=4", "trainer.micro_b
         "actor_optimizer.adam_eps=1e-6", "critic_optimizer.adam_eps=1e-6",
         "parallel.tensor_parallel=1", "parallel.pipeline_parallel=1"]
 LAYOUTS = {
+    "one_micro_batch": (1, ["trainer.micro_batch_size=4"]),
     "tp2": (2, ["parallel.tensor_parallel=2"]),
     "pp2": (2, ["parallel.pipeline_parallel=2"]),
     "tp2xpp2": (4, ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"]),
@@ -91,3 +95,8 @@ def test_layout_matches_single_process(layout, reference, tmp_path):
         for model in ("actor", "critic"):
             assert_same(merged(tmp_path, f"grads_{model}"), merged(reference, f"grads_{model}"), f"{model} gradients")
     assert_same(merged(tmp_path, "final"), merged(reference, "final"), "parameters after 3 steps")
+    metrics, expected = (json.loads((out / "metrics.json").read_text()) for out in (tmp_path, reference))
+    for model in ("actor", "critic"):
+        assert metrics[model].keys() == expected[model].keys()
+        for key, value in expected[model].items():
+            assert metrics[model][key] == pytest.approx(value, rel=1e-4, abs=TOL), f"{model} metric {key}"

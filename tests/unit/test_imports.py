@@ -14,7 +14,7 @@ pytestmark = pytest.mark.unit
 
 PACKAGE = REPO / "remix_megatron"
 # A module may import from its own layer or lower ones, never higher.
-LAYERS = {"registry": 0, "config": 1, "compat": 1, "parallel": 2, "models": 3, "demo": 4, "cli": 5}
+LAYERS = {"registry": 0, "config": 1, "compat": 1, "parallel": 2, "models": 3, "algorithms": 4, "demo": 5, "cli": 6}
 # Imported only inside the functions that use them, never at module level.
 GPU_ONLY = ("transformer_engine", "vllm", "sglang", "apex")
 
@@ -60,3 +60,14 @@ def test_import_is_cheap():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+PURE = sorted(p for p in (PACKAGE / "algorithms").glob("*.py") if p.name not in ("megatron_adapter.py", "__init__.py"))
+
+
+@pytest.mark.parametrize("path", PURE, ids=lambda p: p.name)
+def test_algorithms_are_pure_tensor_code(path):
+    """Losses, advantages and schedules never touch torch.distributed, Megatron or models."""
+    for name in _imports(path):
+        assert not name.startswith(("torch.distributed", "megatron", "remix_megatron.models",
+                                    "remix_megatron.parallel")), f"{path.name} imports {name}"

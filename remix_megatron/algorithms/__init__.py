@@ -1,0 +1,23 @@
+"""ReMix algorithms: pure tensor losses, advantages and schedules, plus the Megatron adapter.
+
+Everything but ``megatron_adapter`` is free of torch.distributed and Megatron.
+"""
+
+from remix_megatron.algorithms.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs, AdvantageOutput
+from remix_megatron.algorithms.kl import KL_ESTIMATORS, kl_convex
+from remix_megatron.algorithms.losses import ActorLossInputs, LossResult, actor_loss, critic_loss
+from remix_megatron.algorithms.policy_loss import POLICY_LOSSES
+from remix_megatron.algorithms.schedules import Phase, fresh_prompts, kl_lambda, phase, rollout_cost
+
+
+def check_algorithm_names(policy_loss: str, advantage_estimator: str) -> None:
+    """Fail early, with the known names, for a config naming an unregistered loss or estimator."""
+    POLICY_LOSSES.get(policy_loss)
+    ADVANTAGE_ESTIMATORS.get(advantage_estimator)
+
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS", "AdvantageInputs", "AdvantageOutput", "KL_ESTIMATORS", "kl_convex",
+    "ActorLossInputs", "LossResult", "actor_loss", "critic_loss", "POLICY_LOSSES", "Phase", "fresh_prompts",
+    "kl_lambda", "phase", "rollout_cost", "check_algorithm_names",
+]

@@ -1,0 +1,53 @@
+"""Masked reductions and loss aggregation as (numerator, denominator) pairs.
+
+Every aggregation mode is written as ``numerator / denominator`` where both are sums over
+sequences, so they add up across micro-batches and data-parallel ranks: Megatron's schedules
+sum the numerators' gradients and ``finalize_model_grads`` divides by the total denominator
+(``calculate_per_token_loss=True``). This is what makes the loss of a global batch the same
+however it is split.
+
+Shapes: ``per_token`` and ``mask`` are ``[batch, seq]``; ``mask`` is 1 on tokens that count.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum()
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens where ``mask`` is set (0 when none are)."""
+    return masked_sum(values, mask) / mask.sum().clamp(min=1)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, *, norm_tokens: int = 0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(numerator, denominator)`` with ``loss = numerator / denominator``.
+
+    - ``token_mean``: every valid token of the batch weighs the same.
+    - ``seq_mean_token_mean``: mean over tokens within a sequence, then over sequences.
+    - ``seq_mean_token_sum``: sum over tokens within a sequence, mean over sequences.
+    - ``token_sum_norm``: sum over all tokens / (sequences * ``norm_tokens``) (Dr. GRPO).
+    Sequences without valid tokens count in none of them. The denominator is an int tensor.
+    """
+    mask = mask.to(per_token.dtype)
+    tokens_per_seq = mask.sum(-1)
+    has_tokens = tokens_per_seq > 0
+    num_seqs = has_tokens.sum()
+    if mode == "token_mean":
+        return masked_sum(per_token, mask), tokens_per_seq.sum().to(torch.int)
+    if mode == "seq_mean_token_mean":
+        per_seq = (per_token * mask).sum(-1) / tokens_per_seq.clamp(min=1)
+        return per_seq.sum(), num_seqs.to(torch.int)
+    if mode == "seq_mean_token_sum":
+        return masked_sum(per_token, mask), num_seqs.to(torch.int)
+    if mode == "token_sum_norm":
+        if norm_tokens <= 0:
+            raise ValueError(f"token_sum_norm needs norm_tokens > 0, got {norm_tokens}")
+        return masked_sum(per_token, mask), (num_seqs * norm_tokens).to(torch.int)
+    raise ValueError(f"unknown loss aggregation {mode!r}; known: {', '.join(LOSS_AGGREGATIONS)}")
