@@ -38,7 +38,9 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
         owned = (local_target >= 0) & (local_target < vocab_part)
         target_logit = shifted.gather(-1, local_target.clamp(0, vocab_part - 1).unsqueeze(-1)).squeeze(-1)
         target_logit = torch.where(owned, target_logit, torch.zeros_like(target_logit))
-        sums = torch.stack([exp_shifted.sum(-1), target_logit, (exp_shifted * shifted).sum(-1)])
+        sum_exp_local = exp_shifted.sum(-1)
+        weighted_local = exp_shifted.mul_(shifted).sum(-1)  # exp_shifted is not needed after this
+        sums = torch.stack([sum_exp_local, target_logit, weighted_local])
         sum_exp, target_logit, weighted = _all_reduce(sums, dist.ReduceOp.SUM, group).unbind(0)
         log_normaliser = sum_exp.log()
         logprobs = target_logit - log_normaliser
@@ -49,9 +51,11 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
         shifted, log_normaliser, entropy, local_target, owned = ctx.saved_tensors
+        # grad = -p * (g_lp + g_H * (log p + H)), built in place on two vocab-sized buffers
         log_p = shifted - log_normaliser.unsqueeze(-1)
-        probs = log_p.exp()
-        grad = -probs * (grad_logprobs.unsqueeze(-1) + grad_entropy.unsqueeze(-1) * (log_p + entropy.unsqueeze(-1)))
+        grad = log_p.exp()
+        log_p.add_(entropy.unsqueeze(-1)).mul_(grad_entropy.unsqueeze(-1)).add_(grad_logprobs.unsqueeze(-1))
+        grad.mul_(log_p).neg_()
         index = local_target.clamp(0, shifted.size(-1) - 1).unsqueeze(-1)
         grad.scatter_add_(-1, index, (grad_logprobs * owned).unsqueeze(-1))
         return grad.to(ctx.input_dtype), None, None, None
