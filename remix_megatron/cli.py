@@ -63,6 +63,46 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _human_bytes(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def _cmd_store(args: argparse.Namespace) -> int:
+    from remix_megatron.store import StoreError, open_store
+
+    try:
+        store = open_store(args.root)
+        if args.action == "inspect":
+            print(f"{'iteration':>9} {'rows':>7} {'shards':>6} {'mean reward':>11} {'mean length':>11} {'on disk':>10}")
+            total_rows = total_bytes = 0
+            for iteration in store.iterations():
+                info = store.info(iteration)
+                total_rows, total_bytes = total_rows + info.rows, total_bytes + info.bytes
+                print(f"{iteration:>9} {info.rows:>7} {len(info.shards):>6} {info.mean_reward:>11.4f} "
+                      f"{info.mean_response_length:>11.1f} {_human_bytes(info.bytes):>10}")
+            print(f"{'total':>9} {total_rows:>7} {'':>6} {'':>11} {'':>11} {_human_bytes(total_bytes):>10}")
+            partial = sorted(p.name for p in store.root.glob("iter_*") if not store.is_published(int(p.name[5:])))
+            if partial:
+                print(f"unpublished (invisible, removed on the next writer open): {', '.join(partial)}")
+            return 0
+        if args.action == "verify":
+            problems = store.verify()
+            for problem in problems:
+                print(f"PROBLEM: {problem}")
+            print(f"{len(store.iterations())} iterations checked, {len(problems)} problems")
+            return 1 if problems else 0
+        removed = store.prune(args.keep_last)
+        print(f"removed {len(removed)} iterations" + (f": {removed[0]}..{removed[-1]}" if removed else ""))
+        return 0
+    except StoreError as error:
+        print(f"store error: {error}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="remix-megatron", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("overrides", nargs="*", help="dotted overrides")
     config.add_argument("--world-size", type=int, default=1, help="ranks to check the layout for (check)")
     config.set_defaults(func=_cmd_config)
+    store = sub.add_parser("store", help="inspect, verify or prune a trajectory store")
+    store.add_argument("action", choices=("inspect", "verify", "prune"))
+    store.add_argument("root", help="the store directory")
+    store.add_argument("--keep-last", type=int, default=2, help="prune: iterations to keep")
+    store.set_defaults(func=_cmd_store)
     presets = sub.add_parser("presets", help="list model presets")
     presets.set_defaults(func=_cmd_presets)
     return parser

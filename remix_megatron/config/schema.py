@@ -232,6 +232,30 @@ class AlgorithmConfig:
                  f"algorithm.off_policy_portion={self.off_policy_portion} needs algorithm.replay_window >= 1")
 
 
+REPLAY_WEIGHTINGS = ("uniform", "age")
+REPLAY_SHORTAGE = ("take_all", "fill_fresh")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreConfig:
+    """The on-disk trajectory store and the mixed sampler that replays from it."""
+
+    path: str = doc("store directory; '' = <trainer.run_dir>/store", "")
+    row_group_size: int = doc("records per Parquet row group (the sampler reads whole row groups)", 16)
+    keep_iterations: int = doc("prune all but the newest this many iterations; 0 = keep everything", 0)
+    replay_weighting: str = doc("uniform over the window's groups | age (weight age_decay**(age-1))", "uniform")
+    replay_age_decay: float = doc("per-iteration weight decay for replay_weighting=age", 0.5)
+    shortage: str = doc("window holds too few groups: take_all (smaller batch, warn) | fill_fresh "
+                        "(roll out more fresh prompts)", "take_all")
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "row_group_size")
+        _require(self.keep_iterations >= 0, f"store.keep_iterations={self.keep_iterations} must be >= 0")
+        _require_choice("store.replay_weighting", self.replay_weighting, REPLAY_WEIGHTINGS)
+        _require_choice("store.shortage", self.shortage, REPLAY_SHORTAGE)
+        _require(0 < self.replay_age_decay <= 1, f"store.replay_age_decay={self.replay_age_decay} must lie in (0, 1]")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
     """One experiment: every section, loaded from one YAML file plus CLI overrides."""
@@ -241,4 +265,11 @@ class ExperimentConfig:
     actor_optimizer: OptimizerConfig = section("actor optimizer (paper: lr 1e-6)", _actor_optimizer)
     critic_optimizer: OptimizerConfig = section("critic optimizer (paper: lr 1e-5)", _critic_optimizer)
     algorithm: AlgorithmConfig = section("ReMix / PPO / GRPO losses, advantages and schedules", AlgorithmConfig)
+    store: StoreConfig = section("trajectory store and replay sampler", StoreConfig)
     trainer: TrainerConfig = section("batching and run settings", TrainerConfig)
+
+    def __post_init__(self) -> None:
+        keep, window = self.store.keep_iterations, self.algorithm.replay_window
+        _require(keep == 0 or keep > window,
+                 f"store.keep_iterations={keep} would prune iterations still in the replay window "
+                 f"(algorithm.replay_window={window}); use 0 or at least {window + 1}")

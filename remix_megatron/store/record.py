@@ -1,0 +1,149 @@
+"""The trajectory record and its columnar (Arrow) form, with a versioned schema.
+
+One record is one response to one prompt, produced by the policy of ``iteration``. Per-token
+arrays (behaviour log-probs, values) have one entry per response token. Extra numeric
+columns (e.g. a GRPO group advantage kept for replay) are declared when a store is created
+and every record must carry exactly those.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+FINISH_REASONS = ("stop", "length", "abort")
+EXTRA_PREFIX = "extra."
+
+
+@dataclass(frozen=True, eq=False)
+class Trajectory:
+    """One generated response and what training needs to replay it."""
+
+    iteration: int  # policy version that generated it
+    prompt_id: str
+    group_id: int  # responses to the same prompt in one iteration share it (GRPO)
+    prompt_tokens: np.ndarray  # int32 [prompt_len]
+    response_tokens: np.ndarray  # int32 [response_len]
+    reward: float
+    behaviour_logprobs: np.ndarray  # float32 [response_len], the actor's recomputed log-probs
+    finish_reason: str  # stop | length | abort
+    values: np.ndarray | None = None  # float32 [response_len], critic values at collection (PPO)
+    extra: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        as_array = lambda value, dtype: np.ascontiguousarray(value, dtype=dtype)  # noqa: E731
+        object.__setattr__(self, "prompt_tokens", as_array(self.prompt_tokens, np.int32))
+        object.__setattr__(self, "response_tokens", as_array(self.response_tokens, np.int32))
+        object.__setattr__(self, "behaviour_logprobs", as_array(self.behaviour_logprobs, np.float32))
+        if self.values is not None:
+            object.__setattr__(self, "values", as_array(self.values, np.float32))
+        n = self.response_tokens.size
+        if self.iteration < 0:
+            raise ValueError(f"trajectory {self.prompt_id!r}: iteration={self.iteration} must be >= 0")
+        if self.behaviour_logprobs.size != n:
+            raise ValueError(f"trajectory {self.prompt_id!r}: {self.behaviour_logprobs.size} behaviour log-probs "
+                             f"for {n} response tokens")
+        if self.values is not None and self.values.size != n:
+            raise ValueError(f"trajectory {self.prompt_id!r}: {self.values.size} values for {n} response tokens")
+        if self.finish_reason not in FINISH_REASONS:
+            raise ValueError(f"trajectory {self.prompt_id!r}: finish_reason={self.finish_reason!r} is not one of "
+                             f"{', '.join(FINISH_REASONS)}")
+
+    @property
+    def response_length(self) -> int:
+        return int(self.response_tokens.size)
+
+    def same_as(self, other: "Trajectory") -> bool:
+        """Field-by-field equality (arrays compared exactly)."""
+        arrays = ("prompt_tokens", "response_tokens", "behaviour_logprobs")
+        scalars = ("iteration", "prompt_id", "group_id", "reward", "finish_reason")
+        if any(getattr(self, n) != getattr(other, n) for n in scalars) or dict(self.extra) != dict(other.extra):
+            return False
+        if (self.values is None) != (other.values is None):
+            return False
+        if self.values is not None and not np.array_equal(self.values, other.values):
+            return False
+        return all(np.array_equal(getattr(self, n), getattr(other, n)) for n in arrays)
+
+
+def arrow_schema(extra_columns: Sequence[str]) -> pa.Schema:
+    fields = [
+        pa.field("iteration", pa.int64(), nullable=False),
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("group_id", pa.int64(), nullable=False),
+        pa.field("prompt_tokens", pa.list_(pa.int32()), nullable=False),
+        pa.field("response_tokens", pa.list_(pa.int32()), nullable=False),
+        pa.field("response_length", pa.int32(), nullable=False),
+        pa.field("reward", pa.float64(), nullable=False),
+        pa.field("behaviour_logprobs", pa.list_(pa.float32()), nullable=False),
+        pa.field("values", pa.list_(pa.float32()), nullable=True),
+        pa.field("finish_reason", pa.string(), nullable=False),
+    ] + [pa.field(EXTRA_PREFIX + name, pa.float64(), nullable=False) for name in extra_columns]
+    metadata = {"remix.schema_version": str(SCHEMA_VERSION), "remix.extra_columns": json.dumps(list(extra_columns))}
+    return pa.schema(fields, metadata=metadata)
+
+
+def _list_array(arrays: Sequence[np.ndarray], dtype: pa.DataType, np_dtype) -> pa.Array:
+    lengths = np.fromiter((a.size for a in arrays), dtype=np.int32, count=len(arrays))
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate(arrays).astype(np_dtype, copy=False) if arrays else np.zeros(0, np_dtype)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=dtype))
+
+
+def to_table(records: Sequence[Trajectory], extra_columns: Sequence[str]) -> pa.Table:
+    """Records -> an Arrow table of ``arrow_schema(extra_columns)``."""
+    expected = set(extra_columns)
+    for record in records:
+        if set(record.extra) != expected:
+            raise ValueError(f"trajectory {record.prompt_id!r} has extra columns {sorted(record.extra)}; "
+                             f"this store declares {sorted(expected)}")
+    have_values = [r.values is not None for r in records]
+    if any(have_values) and not all(have_values):
+        raise ValueError("either every trajectory of a shard carries values or none does")
+    values = (_list_array([r.values for r in records], pa.float32(), np.float32) if all(have_values) and records
+              else pa.nulls(len(records), pa.list_(pa.float32())))
+    columns = [
+        pa.array([r.iteration for r in records], pa.int64()),
+        pa.array([r.prompt_id for r in records], pa.string()),
+        pa.array([r.group_id for r in records], pa.int64()),
+        _list_array([r.prompt_tokens for r in records], pa.int32(), np.int32),
+        _list_array([r.response_tokens for r in records], pa.int32(), np.int32),
+        pa.array([r.response_length for r in records], pa.int32()),
+        pa.array([r.reward for r in records], pa.float64()),
+        _list_array([r.behaviour_logprobs for r in records], pa.float32(), np.float32),
+        values,
+        pa.array([r.finish_reason for r in records], pa.string()),
+    ] + [pa.array([r.extra[name] for r in records], pa.float64()) for name in extra_columns]
+    return pa.Table.from_arrays(columns, schema=arrow_schema(extra_columns))
+
+
+def _split(column: pa.ChunkedArray, np_dtype) -> list[np.ndarray | None]:
+    out: list[np.ndarray | None] = []
+    for chunk in column.chunks:
+        if chunk.null_count == len(chunk):
+            out.extend([None] * len(chunk))
+            continue
+        offsets = chunk.offsets.to_numpy()
+        flat = chunk.values.to_numpy(zero_copy_only=False).astype(np_dtype, copy=False)
+        out.extend(flat[offsets[i]:offsets[i + 1]] for i in range(len(chunk)))
+    return out
+
+
+def from_table(table: pa.Table, extra_columns: Sequence[str]) -> list[Trajectory]:
+    """An Arrow table of the store's schema -> records."""
+    plain = {name: table.column(name).to_pylist() for name in ("iteration", "prompt_id", "group_id", "reward",
+                                                                "finish_reason")}
+    extras = {name: table.column(EXTRA_PREFIX + name).to_pylist() for name in extra_columns}
+    prompts, responses = _split(table.column("prompt_tokens"), np.int32), _split(table.column("response_tokens"), np.int32)
+    logprobs, values = _split(table.column("behaviour_logprobs"), np.float32), _split(table.column("values"), np.float32)
+    return [Trajectory(iteration=plain["iteration"][i], prompt_id=plain["prompt_id"][i], group_id=plain["group_id"][i],
+                       prompt_tokens=prompts[i], response_tokens=responses[i], reward=plain["reward"][i],
+                       behaviour_logprobs=logprobs[i], finish_reason=plain["finish_reason"][i], values=values[i],
+                       extra={name: extras[name][i] for name in extra_columns})
+            for i in range(table.num_rows)]

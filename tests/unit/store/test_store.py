@@ -1,0 +1,153 @@
+"""The store: round trips, publication, retention, selective reads, corruption and schema errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from remix_megatron.store import StoreError, Trajectory, open_store
+from tests.unit.store.helpers import make_records, same_records
+
+pytestmark = pytest.mark.unit
+
+
+def test_round_trip_every_field(tmp_path):
+    store = open_store(tmp_path / "s", create=True, extra_columns=["grpo_advantage"])
+    records = make_records(3, 50, group_size=5, extra=("grpo_advantage",))
+    store.write_shard(3, 0, records[:20])
+    store.write_shard(3, 1, records[20:])
+    info = store.publish(3, num_writers=2)
+    assert same_records(store.read_iteration(3), records)
+    assert info.rows == 50 and [s.rows for s in info.shards] == [20, 30]
+    assert info.mean_reward == pytest.approx(np.mean([r.reward for r in records]))
+    assert info.mean_response_length == pytest.approx(np.mean([r.response_length for r in records]))
+    reopened = open_store(tmp_path / "s")
+    assert reopened.extra_columns == ("grpo_advantage",) and reopened.iterations() == [3]
+
+
+def test_records_without_values_and_empty_responses(tmp_path):
+    store = open_store(tmp_path / "s", create=True)
+    records = make_records(0, 30, with_values=False)
+    assert any(r.response_length == 0 for r in records)
+    store.write_shard(0, 0, records)
+    store.publish(0, 1)
+    back = store.read_iteration(0)
+    assert same_records(back, records) and all(r.values is None for r in back)
+
+
+def test_record_validation():
+    good = dict(iteration=0, prompt_id="p", group_id=0, prompt_tokens=[1], response_tokens=[1, 2], reward=1.0,
+                behaviour_logprobs=[-1.0, -2.0], finish_reason="stop")
+    Trajectory(**good)
+    with pytest.raises(ValueError, match="1 behaviour log-probs for 2 response tokens"):
+        Trajectory(**{**good, "behaviour_logprobs": [-1.0]})
+    with pytest.raises(ValueError, match="3 values for 2 response tokens"):
+        Trajectory(**good, values=[0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="finish_reason='eos'"):
+        Trajectory(**{**good, "finish_reason": "eos"})
+
+
+def test_extra_columns_must_match_the_store(tmp_path):
+    store = open_store(tmp_path / "s", create=True, extra_columns=["a"])
+    with pytest.raises(ValueError, match="declares \\['a'\\]"):
+        store.write_shard(0, 0, make_records(0, 2, extra=("b",)))
+    with pytest.raises(StoreError, match="declares extra columns \\['a'\\], asked for \\['b'\\]"):
+        open_store(tmp_path / "s", extra_columns=["b"])
+
+
+def test_publication_rules(tmp_path):
+    store = open_store(tmp_path / "s", create=True)
+    store.write_shard(0, 0, make_records(0, 4))
+    assert store.iterations() == []  # not visible before its manifest
+    with pytest.raises(StoreError, match="expected shards of ranks 0..1, found ranks \\[0\\]"):
+        store.publish(0, num_writers=2)
+    store.publish(0, num_writers=1)
+    with pytest.raises(StoreError, match="already published"):
+        store.write_shard(0, 1, make_records(0, 4))
+    with pytest.raises(ValueError, match="of iteration 1 written to iteration 2"):
+        store.write_shard(2, 0, make_records(1, 2))
+    with pytest.raises(StoreError, match="iteration 7 is not in the store"):
+        store.read_iteration(7)
+
+
+def test_prune_truncate_and_partial_cleanup(tmp_path):
+    store = open_store(tmp_path / "s", create=True)
+    for k in range(6):
+        store.write_shard(k, 0, make_records(k, 3))
+        store.publish(k, 1)
+    store.write_shard(6, 0, make_records(6, 3))  # partial: never published
+    (store.iteration_dir(7)).mkdir()
+    (store.iteration_dir(7) / "shard_r00000.parquet.123.tmp").write_bytes(b"half a shard")
+    assert store.prune(keep_last=3) == [0, 1, 2]
+    assert store.iterations() == [3, 4, 5] and not store.iteration_dir(0).exists()
+    assert store.iteration_dir(6).exists()  # prune never touches an unpublished iteration
+    assert store.truncate_after(4) == [5]
+    reader = open_store(tmp_path / "s")  # a reader leaves the partial remains alone
+    assert reader.iterations() == [3, 4] and store.iteration_dir(6).exists()
+    writer = open_store(tmp_path / "s", cleanup=True)
+    assert not store.iteration_dir(6).exists() and not store.iteration_dir(7).exists()
+    assert same_records(writer.read_iteration(4), make_records(4, 3))
+
+
+def test_read_rows_touches_only_needed_row_groups(tmp_path, monkeypatch):
+    store = open_store(tmp_path / "s", create=True, row_group_size=4)
+    records = make_records(0, 40)
+    store.write_shard(0, 0, records)
+    store.publish(0, 1)
+    asked = []
+    original = pq.ParquetFile.read_row_groups
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups",
+                        lambda self, groups, **kw: asked.append(list(groups)) or original(self, groups, **kw))
+    rows = [37, 1, 9, 2]
+    assert same_records(store.read_rows(0, 0, rows), [records[r] for r in rows])
+    assert asked == [[0, 2, 9]]
+    with pytest.raises(StoreError, match="outside 0..39"):
+        store.read_rows(0, 0, [40])
+
+
+def _published(tmp_path):
+    store = open_store(tmp_path / "s", create=True)
+    store.write_shard(0, 0, make_records(0, 30))
+    store.publish(0, 1)
+    return store, store.shard_path(0, 0)
+
+
+def test_corrupted_shard_is_named(tmp_path):
+    store, shard = _published(tmp_path)
+    data = bytearray(shard.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(64)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=f"{shard}: unreadable or corrupted"):
+        store.read_iteration(0)
+    assert any(str(shard) in problem for problem in store.verify())
+
+
+def test_truncated_and_missing_shards_are_named(tmp_path):
+    store, shard = _published(tmp_path)
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(StoreError, match=f"{shard}: unreadable or corrupted"):
+        store.read_iteration(0)
+    shard.unlink()
+    with pytest.raises(StoreError, match=f"{shard}: shard listed in the manifest is missing"):
+        store.read_iteration(0)
+
+
+def test_schema_mismatch_and_bad_manifest_are_named(tmp_path):
+    store, shard = _published(tmp_path)
+    other = open_store(tmp_path / "other", create=True, extra_columns=["x"])
+    other.write_shard(0, 0, make_records(0, 3, extra=("x",)))
+    shard.write_bytes(other.shard_path(0, 0).read_bytes())
+    with pytest.raises(StoreError, match=f"{shard}: schema version 1 with extra columns \\['x'\\]"):
+        store.read_iteration(0)
+    store.manifest_path(0).write_text("{not json")
+    with pytest.raises(StoreError, match="corrupted manifest"):
+        store.info(0)
+    store.manifest_path(0).write_text(json.dumps({"schema_version": 99}))
+    with pytest.raises(StoreError, match="schema version 99"):
+        store.info(0)
+    with pytest.raises(StoreError, match="is not a trajectory store"):
+        open_store(tmp_path / "nowhere")
