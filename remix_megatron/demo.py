@@ -1,14 +1,15 @@
 """The smallest real thing the package does end to end, until the RL trainer lands.
 
-Builds the actor and the critic from a config at its TP x PP x DP layout and runs
-``trainer.num_steps`` ReMix updates of both through Megatron's pipeline schedules, on one
+Builds the actor and the critic from a config at its TP x PP x DP layout (or resumes them
+from the newest checkpoint) and runs ReMix iterations up to ``trainer.num_steps``: each
+recomputes pi_k log-probs and values with real forward passes and updates both through Megatron's pipeline schedules, on one
 seeded synthetic batch that stands in for a rollout: random token sequences with responses
 of varied lengths, 0/1 outcome rewards on their last token, and samples of every age in the
 replay window whose behaviour log-probs are the current policy's, perturbed more the older
-the sample. From the real forward passes it computes pi_k log-probs and values, the
-configured advantages (V-trace GAE by default), then optimises the configured actor loss
-(Mix-PPG + entropy + KL-convex) and the clipped value loss. It exercises every piece built
-so far; it is not RL (no generation, no rewards from a task).
+the sample. Advantages are the configured estimator's (V-trace GAE by default); the actor
+loss is the configured one (Mix-PPG + entropy + KL-convex); the critic's is the clipped
+value loss. Checkpoints are saved every ``trainer.save_interval`` iterations and at the end.
+It exercises every piece built so far; it is not RL (no generation, no task rewards).
 
 ``dump_dir`` writes, as safetensors/JSON, what the multi-process tests compare across
 layouts: per-token log-probs/entropies/values, full (TP-gathered) gradients of the first
@@ -26,14 +27,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from remix_megatron.algorithms import ADVANTAGE_ESTIMATORS, ActorLossInputs, AdvantageInputs, kl_lambda
+from remix_megatron.algorithms import ADVANTAGE_ESTIMATORS, ActorLossInputs, AdvantageInputs, kl_lambda, phase
 from remix_megatron.algorithms import check_algorithm_names
 from remix_megatron.algorithms.megatron_adapter import (
     CriticTargets, MicroBatch, actor_loss_builder, critic_loss_builder, forward_logprobs, forward_values,
     reduce_metrics, run_pipeline,
 )
+from remix_megatron.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
 from remix_megatron.config import ExperimentConfig
-from remix_megatron.models import build_actor, build_critic, iter_full_tensors, load_full_state_dict, make_trainable
+from remix_megatron.models import (
+    build_actor, build_critic, iter_full_tensors, load_full_state_dict, make_trainable, param_grad,
+)
 from remix_megatron.parallel import ParallelState, init_parallel
 
 PROMPT_TOKENS = 4
@@ -122,14 +126,19 @@ def _prepare_losses(cfg: ExperimentConfig, rollout: SyntheticRollout, actor, cri
     return {"logprobs": pik, "entropy": entropy, "values": values}, actor_batches, critic_batches
 
 
-def _save_stage_tensors(dump_dir: Path | None, name: str, models: dict, state: ParallelState, *, grads: bool) -> None:
-    """Write this stage's full tensors (collective over TP; DP rank 0 of TP rank 0 writes)."""
+def _save_stage_tensors(dump_dir: Path | None, name: str, models: dict, state: ParallelState, *, what: str) -> None:
+    """Write this stage's full params / grads / Adam moments (collective over TP; one rank writes)."""
     from safetensors.torch import save_file
 
     tensors = {}
     for prefix, model in models.items():
-        for key, tensor in iter_full_tensors(model.unwrapped(), state, grads=grads):
-            tensors[f"{prefix}.{key}"] = tensor.detach().float().cpu().contiguous()
+        selectors = {"params": {"": None}, "grads": {"": param_grad},
+                     "moments": {f"{key}.": (lambda key: lambda n, p: model.adam_moment(p, key))(key)
+                                 for key in ("exp_avg", "exp_avg_sq")}}[what]
+        for tag, select in selectors.items():
+            kwargs = {"select": select} if select is not None else {}
+            for key, tensor in iter_full_tensors(model.unwrapped(), state, **kwargs):
+                tensors[f"{tag}{prefix}.{key}"] = tensor.detach().float().cpu().contiguous()
     if dump_dir is not None and state.tp_rank == 0 and state.dp_rank == 0:
         save_file(tensors, str(dump_dir / f"{name}_stage{state.pp_rank}.safetensors"))
 
@@ -158,11 +167,11 @@ def _count_parameters(models: dict, state: ParallelState) -> dict[str, int]:
     return counts
 
 
-def _train_step(model, batches, builder, state, dump, name, step) -> dict[str, float]:
+def _train_step(model, batches, builder, state, dump, name, dump_grads: bool) -> dict[str, float]:
     model.zero_grad()
     logs = run_pipeline(model.chunks, batches, builder, state, forward_only=False)
-    if step == 1 and dump is not None:
-        _save_stage_tensors(dump, f"grads_{name}", {name: model}, state, grads=True)
+    if dump_grads and dump is not None:
+        _save_stage_tensors(dump, f"grads_{name}", {name: model}, state, what="grads")
     applied, grad_norm = model.step()
     metrics = reduce_metrics(logs, state)
     metrics.update(grad_norm=grad_norm, step_applied=float(applied))
@@ -170,7 +179,7 @@ def _train_step(model, batches, builder, state, dump, name, step) -> dict[str, f
 
 
 def run_demo(cfg: ExperimentConfig, *, dump_dir: str | None = None, init_from: str | None = None) -> dict:
-    """Build, run ``num_steps`` ReMix updates, print a summary on rank 0; returns the summary."""
+    """Build (or resume), run ReMix iterations up to ``num_steps``, checkpoint, print a summary."""
     start = time.perf_counter()
     check_algorithm_names(cfg.algorithm.policy_loss, cfg.algorithm.advantage_estimator)
     state = init_parallel(cfg)
@@ -181,29 +190,41 @@ def run_demo(cfg: ExperimentConfig, *, dump_dir: str | None = None, init_from: s
     dump = Path(dump_dir) if dump_dir else None
     if dump is not None:
         dump.mkdir(parents=True, exist_ok=True)
-    if init_from:
-        _load_initial_weights(Path(init_from), models, state)
-    for model in models.values():  # copy loaded weights into the optimizer's main params
-        model.optimizer.reload_model_params()
-    _save_stage_tensors(dump, "init", models, state, grads=False)
+    checkpoints = cfg.trainer.checkpoint_root
+    first_step = 1
+    if cfg.trainer.resume and latest_iteration(checkpoints) is not None:
+        payload = load_checkpoint(checkpoints, models, state)
+        first_step = payload["iteration"] + 1
+        if state.rank == 0:
+            print(f"resumed from {checkpoints} at iteration {payload['iteration']} "
+                  f"(saved at {payload['layout']})", flush=True)
+    else:
+        if init_from:
+            _load_initial_weights(Path(init_from), models, state)
+        for model in models.values():  # copy loaded weights into the optimizer's main params
+            model.optimizer.reload_model_params()
+    _save_stage_tensors(dump, "init", models, state, what="params")
     build_s = time.perf_counter() - start
 
     rollout = SyntheticRollout.make(cfg)
-    outputs, actor_batches, critic_batches = _prepare_losses(cfg, rollout, actor, critic, state)
-    if dump is not None and state.rank == 0:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in outputs.items()}, str(dump / "outputs.safetensors"))
-
     history = []
+    save_s = 0.0
     step_start = time.perf_counter()
-    for step in range(1, cfg.trainer.num_steps + 1):
+    for step in range(first_step, cfg.trainer.num_steps + 1):
+        outputs, actor_batches, critic_batches = _prepare_losses(cfg, rollout, actor, critic, state)
+        if step == first_step and dump is not None and state.rank == 0:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in outputs.items()}, str(dump / "outputs.safetensors"))
         weight = kl_lambda(step, cfg.algorithm)
-        record = {"step": step, "actor": _train_step(actor, actor_batches, actor_loss_builder(
-            cfg.algorithm, state, kl_lambda=weight), state, dump, "actor", step)}
+        builder = actor_loss_builder(cfg.algorithm, state, kl_lambda=weight)
+        for update in range(phase(step, cfg.algorithm).utd):  # UTD passes over the same batch
+            actor_metrics = _train_step(actor, actor_batches, builder, state, dump, "actor",
+                                        step == first_step and update == 0)
+        record = {"step": step, "actor": actor_metrics}
         if critic_batches is not None:
             record["critic"] = _train_step(critic, critic_batches, critic_loss_builder(cfg.algorithm), state,
-                                           dump, "critic", step)
+                                           dump, "critic", step == first_step)
         history.append(record)
         if state.rank == 0:
             a, c = record["actor"], record.get("critic", {})
@@ -211,16 +232,27 @@ def run_demo(cfg: ExperimentConfig, *, dump_dir: str | None = None, init_from: s
                   f"ratio {a['ratio_mean']:.4f} (max {a['ratio_max']:.3f}) kl_ref {a['kl_ref']:.2e} "
                   f"entropy {a['entropy']:.3f} | critic value_loss {c.get('value_loss', float('nan')):.5f}",
                   flush=True)
-    train_s = time.perf_counter() - step_start
-    if dump is not None and state.rank == 0:
+        interval = cfg.trainer.save_interval
+        if interval >= 0 and (step == cfg.trainer.num_steps or (interval and step % interval == 0)):
+            save_start = time.perf_counter()
+            path = save_checkpoint(checkpoints, step, models, state, {"demo_step": step},
+                                   keep_last=cfg.trainer.keep_checkpoints)
+            save_s += time.perf_counter() - save_start
+            if state.rank == 0:
+                print(f"checkpoint saved: {path} ({time.perf_counter() - save_start:.1f} s)", flush=True)
+    steps_run = max(cfg.trainer.num_steps - first_step + 1, 0)
+    train_s = time.perf_counter() - step_start - save_s
+    if dump is not None and state.rank == 0 and history:
         (dump / "metrics.json").write_text(json.dumps(history[0], indent=1))
-    _save_stage_tensors(dump, "final", models, state, grads=False)
+    _save_stage_tensors(dump, "final", models, state, what="params")
+    if dump is not None and not cfg.parallel.use_distributed_optimizer:
+        _save_stage_tensors(dump, "moments", models, state, what="moments")
     counts = _count_parameters(models, state)
     summary = {"layout": f"TP{state.tensor_parallel} x PP{state.pipeline_parallel} x DP{state.data_parallel}",
                "world_size": state.world_size, "backend": state.runtime.backend,
                "device": state.runtime.device.type, "dtype": str(state.runtime.params_dtype),
-               "actor_params": counts["actor"], "critic_params": counts["critic"], "steps": cfg.trainer.num_steps,
-               "build_s": round(build_s, 2), "train_s_per_step": round(train_s / cfg.trainer.num_steps, 3)}
+               "actor_params": counts["actor"], "critic_params": counts["critic"], "steps": steps_run,
+               "build_s": round(build_s, 2), "train_s_per_step": round(train_s / max(steps_run, 1), 3)}
     if state.rank == 0:
         print("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
     summary["history"] = history

@@ -150,8 +150,13 @@ class TrainerConfig:
     micro_batch_size: int = doc("sequences per micro-batch on one data-parallel rank", 1)
     global_batch_size: int = doc("sequences per optimizer step over all data-parallel ranks", 4)
     seq_length: int = doc("tokens per training sequence (prompt + response, padded)", 64)
-    num_steps: int = doc("optimizer steps to run", 3)
+    num_steps: int = doc("training iterations to run (in total, counting resumed ones)", 3)
     run_dir: str = doc("directory for the resolved config, metrics and checkpoints", "runs/default")
+    checkpoint_dir: str = doc("checkpoint root; '' = <run_dir>/checkpoints", "")
+    save_interval: int = doc("save a checkpoint every this many iterations and after the last; "
+                             "0 = after the last only; -1 = never", 0)
+    keep_checkpoints: int = doc("complete checkpoints to keep (older ones are deleted)", 2)
+    resume: bool = doc("continue from the newest complete checkpoint in checkpoint_dir when there is one", True)
 
     def __post_init__(self) -> None:
         _require_positive(self, "micro_batch_size", "global_batch_size", "seq_length", "num_steps")
@@ -159,6 +164,12 @@ class TrainerConfig:
                  f"trainer.global_batch_size={self.global_batch_size} is not divisible by "
                  f"trainer.micro_batch_size={self.micro_batch_size}")
         _require(bool(self.run_dir), "trainer.run_dir must not be empty")
+        _require(self.save_interval >= -1, f"trainer.save_interval={self.save_interval} must be >= -1 (-1 = never)")
+        _require(self.keep_checkpoints >= 1, f"trainer.keep_checkpoints={self.keep_checkpoints} must be >= 1")
+
+    @property
+    def checkpoint_root(self) -> str:
+        return self.checkpoint_dir or f"{self.run_dir}/checkpoints"
 
 
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")

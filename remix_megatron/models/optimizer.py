@@ -27,6 +27,15 @@ class TrainableModel:
         applied, grad_norm, _ = self.optimizer.step()
         return applied, grad_norm
 
+    def adam_moment(self, param: torch.nn.Parameter, key: str) -> torch.Tensor:
+        """Adam's ``exp_avg`` / ``exp_avg_sq`` for a model parameter (fp32, non-distributed optimizer)."""
+        optimizers = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        for optimizer in optimizers:
+            if param in optimizer.optimizer.state:
+                return optimizer.optimizer.state[param][key]
+        raise KeyError(f"no optimizer state for this parameter (bf16 or distributed optimizers keep it on "
+                       f"main-param copies)")
+
     def unwrapped(self) -> list[torch.nn.Module]:
         """The bare GPTModel chunks inside the DDP wrappers."""
         return [chunk.module for chunk in self.chunks]

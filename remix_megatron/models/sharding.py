@@ -10,7 +10,7 @@ the chunk's pipeline offset. A TP-sharded parameter carries Megatron's
 from __future__ import annotations
 
 import re
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -86,23 +86,33 @@ def load_full_state_dict(chunks: list[torch.nn.Module], full: Mapping[str, torch
         model.load_state_dict(local, strict=True)
 
 
-def iter_full_tensors(chunks: list[torch.nn.Module], state: ParallelState, *, grads: bool = False
+def _param_tensor(name: str, param: torch.nn.Parameter) -> torch.Tensor:
+    return param.detach()
+
+
+def param_grad(name: str, param: torch.nn.Parameter) -> torch.Tensor:
+    """A parameter's gradient: Megatron DDP's ``main_grad`` when present, else ``.grad``."""
+    grad = getattr(param, "main_grad", None)
+    grad = param.grad if grad is None else grad
+    if grad is None:
+        raise RuntimeError(f"{name} has no gradient")
+    return grad
+
+
+def iter_full_tensors(chunks: list[torch.nn.Module], state: ParallelState,
+                      select: Callable[[str, torch.nn.Parameter], torch.Tensor] = _param_tensor,
                       ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(full name, full tensor)`` for every parameter of this pipeline stage.
 
-    Collective over the TP group: every TP rank of the stage must iterate. With
-    ``grads=True`` yields gradients (Megatron DDP's ``main_grad`` when present) instead.
+    ``select`` picks what to gather for each parameter (default: the parameter itself; e.g.
+    ``param_grad`` or an optimizer moment, which share the parameter's sharding). Collective
+    over the TP group: every TP rank of the stage must iterate.
     """
     for chunk in chunks:
         model = _unwrap(chunk)
         offset = layer_offset(model)
         for name, param in model.named_parameters():
-            tensor = param.detach()
-            if grads:
-                tensor = getattr(param, "main_grad", None)
-                tensor = param.grad if tensor is None else tensor
-                if tensor is None:
-                    raise RuntimeError(f"{name} has no gradient")
+            tensor = select(name, param)
             if getattr(param, "tensor_model_parallel", False) and state.tensor_parallel > 1:
                 shards = [torch.empty_like(tensor) for _ in range(state.tensor_parallel)]
                 dist.all_gather(shards, tensor.contiguous(), group=state.tp_group)

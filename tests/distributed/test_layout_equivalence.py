@@ -28,7 +28,7 @@ TOL = 1e-5
 BASE = ["configs/tiny_cpu.yaml", "trainer.global_batch_size=4", "trainer.micro_batch_size=1",
         "trainer.seq_length=16", "trainer.num_steps=3", "actor_optimizer.lr=1e-3", "critic_optimizer.lr=1e-3",
         "actor_optimizer.adam_eps=1e-6", "critic_optimizer.adam_eps=1e-6",
-        "parallel.tensor_parallel=1", "parallel.pipeline_parallel=1"]
+        "parallel.tensor_parallel=1", "parallel.pipeline_parallel=1", "trainer.save_interval=-1"]
 LAYOUTS = {
     "one_micro_batch": (1, ["trainer.micro_batch_size=4"]),
     "tp2": (2, ["parallel.tensor_parallel=2"]),

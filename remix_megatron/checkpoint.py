@@ -1,0 +1,205 @@
+"""Distributed checkpoints: models, optimizers, RNG and trainer state; exact resume.
+
+Layout under a checkpoint root::
+
+    latest                       the newest complete checkpoint's directory name
+    iter_0000012/dist/           megatron dist_checkpointing (torch_dist): every model's and
+                                 optimizer's tensors, resharded on load to any TP/PP layout
+    iter_0000012/trainer_state.json   iteration, schedule/sampler/counter state, layout (JSON)
+    iter_0000012/rng/rank_00003.{safetensors,json}   each rank's RNG streams
+
+A checkpoint is written into ``iter_X.tmp`` and renamed by rank 0 once every rank has
+finished; only then does ``latest`` move (written atomically). A crash while saving leaves
+``latest`` on the previous checkpoint; the ``.tmp`` remains are deleted by the next save.
+Our own files are JSON and safetensors; megatron's format pickles its metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from remix_megatron.models.optimizer import TrainableModel
+from remix_megatron.parallel import ParallelState
+
+CHECKPOINT_VERSION = 1
+_DIR = re.compile(r"^iter_(\d{7})$")
+Model = Union[TrainableModel, Sequence[torch.nn.Module]]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, with what is wrong."""
+
+
+def _dirname(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False) as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f.name, path)
+
+
+def latest_iteration(root: str | os.PathLike) -> int | None:
+    """The iteration ``latest`` points at, or None when there is no complete checkpoint."""
+    pointer = Path(root) / "latest"
+    if not pointer.is_file():
+        return None
+    match = _DIR.match(pointer.read_text().strip())
+    if match is None or not (Path(root) / pointer.read_text().strip()).is_dir():
+        raise CheckpointError(f"{pointer} names {pointer.read_text().strip()!r}, which is not a checkpoint in {root}")
+    return int(match.group(1))
+
+
+def _chunks(model: Model) -> list[torch.nn.Module]:
+    return model.unwrapped() if isinstance(model, TrainableModel) else list(model)
+
+
+def _sharded_state(models: Mapping[str, Model], *, is_loading: bool, with_optimizer: bool) -> dict:
+    """{name: {"model0": ..., ["optimizer": ...]}} with ShardedTensor keys prefixed by the model name."""
+    out = {}
+    for name, model in models.items():
+        entry = {f"model{i}": chunk.sharded_state_dict(prefix=f"{name}.") for i, chunk in enumerate(_chunks(model))}
+        if with_optimizer and isinstance(model, TrainableModel):
+            entry["optimizer"] = model.optimizer.sharded_state_dict(dict(entry), is_loading=is_loading)
+        out[name] = entry
+    return out
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    for key, value in get_cuda_rng_tracker().get_states().items():
+        tensors[f"tracker.{key}"] = value
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()
+    plain = {"python": [python_state[0], list(python_state[1]), python_state[2]],
+             "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]]}
+    return {k: v.contiguous().cpu() for k, v in tensors.items()}, plain
+
+
+def _set_rng_state(tensors: Mapping[str, torch.Tensor], plain: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    get_cuda_rng_tracker().set_states({k[len("tracker."):]: v for k, v in tensors.items() if k.startswith("tracker.")})
+    version, state, gauss = plain["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, *rest = plain["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+
+
+def _layout(state: ParallelState) -> dict:
+    return {"world_size": state.world_size, "tensor_parallel": state.tensor_parallel,
+            "pipeline_parallel": state.pipeline_parallel, "virtual_pipeline": state.virtual_pipeline,
+            "data_parallel": state.data_parallel}
+
+
+def save_checkpoint(root: str | os.PathLike, iteration: int, models: Mapping[str, Model], state: ParallelState,
+                    trainer_state: Mapping, *, keep_last: int = 2) -> Path:
+    """Save everything (collective over all ranks); returns the checkpoint directory."""
+    from megatron.core import dist_checkpointing
+    from safetensors.torch import save_file
+
+    root = Path(root)
+    final, staging = root / _dirname(iteration), root / (_dirname(iteration) + ".tmp")
+    if state.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for leftover in root.glob("iter_*.tmp"):
+            shutil.rmtree(leftover)
+        (staging / "dist").mkdir(parents=True)
+        (staging / "rng").mkdir()
+    dist.barrier()
+    dist_checkpointing.save(_sharded_state(models, is_loading=False, with_optimizer=True), str(staging / "dist"))
+    tensors, plain = _rng_state()
+    save_file(tensors, str(staging / "rng" / f"rank_{state.rank:05d}.safetensors"))
+    (staging / "rng" / f"rank_{state.rank:05d}.json").write_text(json.dumps(plain))
+    dist.barrier()
+    if state.rank == 0:
+        payload = {"version": CHECKPOINT_VERSION, "iteration": iteration, "layout": _layout(state),
+                   "models": sorted(models), "trainer_state": dict(trainer_state)}
+        _atomic_write_text(staging / "trainer_state.json", json.dumps(payload, indent=1))
+        _publish(staging, final)
+        _atomic_write_text(root / "latest", final.name)
+        for old in sorted(p for p in root.iterdir() if _DIR.match(p.name))[:-keep_last] if keep_last > 0 else []:
+            if old != final:
+                shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Rename the finished staging directory into place (a separate function: tests hang here)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+
+
+def read_trainer_state(checkpoint_dir: str | os.PathLike) -> dict:
+    path = Path(checkpoint_dir) / "trainer_state.json"
+    try:
+        payload = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{checkpoint_dir} is not a complete checkpoint (no trainer_state.json)") from None
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {payload.get('version')}, this code reads "
+                              f"{CHECKPOINT_VERSION}")
+    return payload
+
+
+def load_checkpoint(root: str | os.PathLike, models: Mapping[str, Model], state: ParallelState, *,
+                    iteration: int | None = None, load_optimizer: bool = True) -> dict:
+    """Load a checkpoint (``latest`` by default) into ``models`` at this rank's layout.
+
+    Returns the saved payload (``iteration``, ``trainer_state``, ``layout``). RNG streams are
+    restored when the layout is the one saved; otherwise they keep their fresh seeds (the
+    model and optimizer tensors are resharded either way).
+    """
+    from megatron.core import dist_checkpointing
+    from safetensors.torch import load_file
+
+    root = Path(root)
+    iteration = latest_iteration(root) if iteration is None else iteration
+    if iteration is None:
+        raise CheckpointError(f"no complete checkpoint in {root} (no 'latest')")
+    directory = root / _dirname(iteration)
+    payload = read_trainer_state(directory)
+    missing = sorted(set(models) - set(payload["models"]))
+    if missing:
+        raise CheckpointError(f"{directory} holds models {payload['models']}, not {missing}")
+    sharded = _sharded_state(models, is_loading=True, with_optimizer=load_optimizer)
+    try:
+        loaded = dist_checkpointing.load(sharded, str(directory / "dist"))
+    except Exception as error:  # megatron raises several types; keep the cause, name the checkpoint
+        raise CheckpointError(f"cannot load {directory / 'dist'} into this model: {error}") from error
+    for name, model in models.items():
+        for i, chunk in enumerate(_chunks(model)):
+            prefix = f"{name}."
+            chunk.load_state_dict({k[len(prefix):] if k.startswith(prefix) else k: v
+                                   for k, v in loaded[name][f"model{i}"].items()}, strict=True)
+        if load_optimizer and isinstance(model, TrainableModel):
+            model.optimizer.load_state_dict(loaded[name]["optimizer"])
+        elif isinstance(model, TrainableModel):
+            model.optimizer.reload_model_params()
+    if payload["layout"] == _layout(state):
+        rng = directory / "rng" / f"rank_{state.rank:05d}"
+        _set_rng_state(load_file(str(rng.with_suffix(".safetensors"))), json.loads(rng.with_suffix(".json").read_text()))
+    return payload
