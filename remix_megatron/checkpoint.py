@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from remix_megatron.config import ExperimentConfig, to_yaml
 from remix_megatron.models.optimizer import TrainableModel
 from remix_megatron.parallel import ParallelState
 
@@ -114,8 +115,12 @@ def _layout(state: ParallelState) -> dict:
 
 
 def save_checkpoint(root: str | os.PathLike, iteration: int, models: Mapping[str, Model], state: ParallelState,
-                    trainer_state: Mapping, *, keep_last: int = 2) -> Path:
-    """Save everything (collective over all ranks); returns the checkpoint directory."""
+                    trainer_state: Mapping, *, config: ExperimentConfig, keep_last: int = 2) -> Path:
+    """Save everything (collective over all ranks); returns the checkpoint directory.
+
+    ``config`` is written beside the weights (config.yaml), so that tools such as the HF
+    export can rebuild the models from the checkpoint alone.
+    """
     from megatron.core import dist_checkpointing
     from safetensors.torch import save_file
 
@@ -137,6 +142,7 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, models: Mapping[str
         payload = {"version": CHECKPOINT_VERSION, "iteration": iteration, "layout": _layout(state),
                    "models": sorted(models), "trainer_state": dict(trainer_state)}
         _atomic_write_text(staging / "trainer_state.json", json.dumps(payload, indent=1))
+        _atomic_write_text(staging / "config.yaml", to_yaml(config, header={"saved_at_iteration": iteration}))
         _publish(staging, final)
         _atomic_write_text(root / "latest", final.name)
         for old in sorted(p for p in root.iterdir() if _DIR.match(p.name))[:-keep_last] if keep_last > 0 else []:
@@ -151,6 +157,18 @@ def _publish(staging: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
+
+
+def checkpoint_dir(root: str | os.PathLike, iteration: int | None = None) -> Path:
+    """The directory of checkpoint ``iteration`` (default: ``latest``) under ``root``."""
+    iteration = latest_iteration(root) if iteration is None else iteration
+    if iteration is None:
+        raise CheckpointError(f"no complete checkpoint in {root} (no 'latest')")
+    directory = Path(root) / _dirname(iteration)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} does not exist (checkpoints in {root}: "
+                              f"{sorted(p.name for p in Path(root).glob('iter_*')) or 'none'})")
+    return directory
 
 
 def read_trainer_state(checkpoint_dir: str | os.PathLike) -> dict:
@@ -176,11 +194,7 @@ def load_checkpoint(root: str | os.PathLike, models: Mapping[str, Model], state:
     from megatron.core import dist_checkpointing
     from safetensors.torch import load_file
 
-    root = Path(root)
-    iteration = latest_iteration(root) if iteration is None else iteration
-    if iteration is None:
-        raise CheckpointError(f"no complete checkpoint in {root} (no 'latest')")
-    directory = root / _dirname(iteration)
+    directory = checkpoint_dir(root, iteration)
     payload = read_trainer_state(directory)
     missing = sorted(set(models) - set(payload["models"]))
     if missing:

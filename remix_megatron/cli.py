@@ -103,6 +103,26 @@ def _cmd_store(args: argparse.Namespace) -> int:
         return 1
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from remix_megatron.checkpoint import CheckpointError
+    from remix_megatron.convert import commands
+
+    try:
+        if args.action == "from-hf":
+            commands.from_hf(load_config(args.source, args.overrides))
+            return 0
+        if args.action == "verify-hf":
+            return 0 if commands.verify_hf(load_config(args.source, args.overrides), tolerance=args.tolerance) else 1
+        if args.out is None:
+            raise ConfigError("to-hf needs --out DIR")
+        commands.to_hf(args.source, args.out, which=args.model, iteration=args.iteration, dtype=args.dtype,
+                       overrides=args.overrides)
+        return 0
+    except CheckpointError as error:
+        print(f"checkpoint error: {error}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="remix-megatron", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     store.add_argument("root", help="the store directory")
     store.add_argument("--keep-last", type=int, default=2, help="prune: iterations to keep")
     store.set_defaults(func=_cmd_store)
+    convert = sub.add_parser("convert", help="HuggingFace <-> Megatron: from-hf CONFIG | to-hf CHECKPOINTS --out DIR "
+                                             "| verify-hf CONFIG")
+    convert.add_argument("action", choices=("from-hf", "to-hf", "verify-hf"))
+    convert.add_argument("source", help="from-hf / verify-hf: experiment YAML (with model.hf_path); "
+                                        "to-hf: a checkpoint root (trainer.checkpoint_dir)")
+    convert.add_argument("overrides", nargs="*", help="dotted overrides (to-hf: e.g. a parallel layout)")
+    convert.add_argument("--out", default=None, help="to-hf: output directory")
+    convert.add_argument("--model", choices=("actor", "critic"), default="actor", help="to-hf: which model")
+    convert.add_argument("--iteration", type=int, default=None, help="to-hf: checkpoint iteration (default latest)")
+    convert.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="to-hf: dtype (default: training's)")
+    convert.add_argument("--tolerance", type=float, default=1e-5, help="verify-hf: max logit difference")
+    convert.set_defaults(func=_cmd_convert)
     presets = sub.add_parser("presets", help="list model presets")
     presets.set_defaults(func=_cmd_presets)
     return parser

@@ -35,6 +35,7 @@ from remix_megatron.algorithms.megatron_adapter import (
 )
 from remix_megatron.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
 from remix_megatron.config import ExperimentConfig
+from remix_megatron.convert.export import load_hf_into
 from remix_megatron.models import (
     build_actor, build_critic, iter_full_tensors, load_full_state_dict, make_trainable, param_grad,
 )
@@ -199,6 +200,8 @@ def run_demo(cfg: ExperimentConfig, *, dump_dir: str | None = None, init_from: s
             print(f"resumed from {checkpoints} at iteration {payload['iteration']} "
                   f"(saved at {payload['layout']})", flush=True)
     else:
+        if cfg.model.hf_path:
+            load_hf_into(cfg.model.hf_path, cfg.model, state, actor=actor.unwrapped(), critic=critic.unwrapped())
         if init_from:
             _load_initial_weights(Path(init_from), models, state)
         for model in models.values():  # copy loaded weights into the optimizer's main params
@@ -235,7 +238,7 @@ def run_demo(cfg: ExperimentConfig, *, dump_dir: str | None = None, init_from: s
         interval = cfg.trainer.save_interval
         if interval >= 0 and (step == cfg.trainer.num_steps or (interval and step % interval == 0)):
             save_start = time.perf_counter()
-            path = save_checkpoint(checkpoints, step, models, state, {"demo_step": step},
+            path = save_checkpoint(checkpoints, step, models, state, {"demo_step": step}, config=cfg,
                                    keep_last=cfg.trainer.keep_checkpoints)
             save_s += time.perf_counter() - save_start
             if state.rank == 0:

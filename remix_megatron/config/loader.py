@@ -21,7 +21,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf import errors as oc_errors
 
-from remix_megatron.config.presets import MODEL_PRESETS
+from remix_megatron.config.presets import MODEL_PRESETS, model_values_from_hf_dir
 from remix_megatron.config.schema import ConfigError, ExperimentConfig
 
 
@@ -79,13 +79,16 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 def build_config(*layers: Mapping[str, Any]) -> ExperimentConfig:
     """Merge data layers (later wins) over the schema defaults and the chosen model preset."""
-    preset = ""
+    preset = hf_path = ""
     for layer in layers:
         preset = layer.get("model", {}).get("preset", preset)
+        hf_path = layer.get("model", {}).get("hf_path", hf_path)
     try:
         preset_values = dict(MODEL_PRESETS.get(preset)) if preset else {}
     except ValueError as error:
         raise ConfigError(f"model.preset: {error}") from None
+    if hf_path:
+        preset_values.update(model_values_from_hf_dir(str(hf_path)))
     merged = OmegaConf.structured(ExperimentConfig)
     try:
         for layer in ({"model": preset_values}, *layers):

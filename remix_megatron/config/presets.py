@@ -5,9 +5,12 @@ Values are copied from each model's HuggingFace ``config.json`` (the tiny ones a
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from remix_megatron.config.schema import ConfigError
 from remix_megatron.registry import Registry
 
 MODEL_PRESETS: Registry[Mapping[str, Any]] = Registry("model preset")
@@ -37,3 +40,41 @@ _preset("r1-distill-qwen-7b", family="qwen2", num_layers=28, hidden_size=3584, f
 _preset("llama3-8b", family="llama", num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
         num_attention_heads=32, num_query_groups=8, vocab_size=128256, max_position_embeddings=8192,
         rotary_base=500000.0, norm_epsilon=1e-5, add_qkv_bias=False, tie_word_embeddings=False)
+
+
+def model_values_from_hf_config(hf: Mapping, *, source: str = "config.json") -> dict:
+    """``ModelConfig`` values from an HF ``config.json`` (Qwen2 / Llama), refusing what we cannot run."""
+    model_type = hf.get("model_type")
+    family = {"qwen2": "qwen2", "llama": "llama"}.get(model_type)
+    if family is None:
+        raise ConfigError(f"{source}: model_type {model_type!r} is not supported (supported: qwen2, llama)")
+    problems = []
+    if hf.get("rope_scaling"):
+        problems.append(f"rope_scaling={hf['rope_scaling']} (scaled RoPE is not implemented)")
+    if hf.get("use_sliding_window"):
+        problems.append("use_sliding_window=true")
+    if hf.get("mlp_bias"):
+        problems.append("mlp_bias=true")
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
+        problems.append(f"head_dim={head_dim} != hidden_size / num_attention_heads")
+    if hf.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={hf['hidden_act']!r} (SwiGLU needs silu)")
+    if problems:
+        raise ConfigError(f"{source} uses features remix-megatron does not implement: " + "; ".join(problems))
+    return dict(
+        family=family, num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
+        ffn_hidden_size=hf["intermediate_size"], num_attention_heads=hf["num_attention_heads"],
+        num_query_groups=hf.get("num_key_value_heads") or hf["num_attention_heads"], vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf["max_position_embeddings"], rotary_base=float(hf.get("rope_theta", 10000.0)),
+        norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        add_qkv_bias=True if family == "qwen2" else bool(hf.get("attention_bias", False)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
+
+
+def model_values_from_hf_dir(path: str) -> dict:
+    """``ModelConfig`` values read from ``<path>/config.json`` (what ``model.hf_path`` fills in)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise ConfigError(f"model.hf_path={path!r}: {config} does not exist")
+    return model_values_from_hf_config(json.loads(config.read_text()), source=str(config))

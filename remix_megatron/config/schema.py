@@ -50,6 +50,8 @@ class ModelConfig:
     """Transformer architecture. ``preset`` fills every field the YAML does not set."""
 
     preset: str = doc("model preset whose values fill unset fields (see `remix-megatron presets`); '' for none", "")
+    hf_path: str = doc("HuggingFace checkpoint directory: its config.json fills unset fields (after the preset) "
+                       "and its weights initialise the actor and the critic trunk; '' for none", "")
     family: str = doc("architecture family for HF name maps: qwen2 | llama")
     num_layers: int = doc("transformer layers")
     hidden_size: int = doc("model width")

@@ -63,15 +63,20 @@ def _join_from_ranks(name: str, shards: list[torch.Tensor], param: torch.Tensor,
     return torch.cat(shards, dim=dim)
 
 
-def load_full_state_dict(chunks: list[torch.nn.Module], full: Mapping[str, torch.Tensor], state: ParallelState) -> None:
-    """Copy this rank's slices of the full state dict ``full`` into ``chunks`` (strict)."""
+def load_full_state_dict(chunks: list[torch.nn.Module], full: Mapping[str, torch.Tensor], state: ParallelState, *,
+                         keep: tuple[str, ...] = ()) -> None:
+    """Copy this rank's slices of the full state dict ``full`` into ``chunks``.
+
+    Every parameter must be in ``full`` except those whose name starts with a ``keep``
+    prefix, which keep their current values (e.g. the critic's value head).
+    """
     for chunk in chunks:
         model = _unwrap(chunk)
         offset = layer_offset(model)
         params = dict(model.named_parameters())
         local = {}
         for name, own in model.state_dict().items():
-            if name.endswith("_extra_state"):
+            if name.endswith("_extra_state") or name.startswith(keep):
                 local[name] = own
                 continue
             source = global_name(name, offset)
