@@ -19,12 +19,13 @@ from remix_megatron.config.schema import (
     ModelConfig,
     OptimizerConfig,
     ParallelConfig,
+    RolloutConfig,
     StoreConfig,
     TrainerConfig,
 )
 
 __all__ = [
-    "AlgorithmConfig", "ConfigError", "ExperimentConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "StoreConfig", "TrainerConfig",
+    "AlgorithmConfig", "ConfigError", "ExperimentConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "RolloutConfig", "StoreConfig", "TrainerConfig",
     "MODEL_PRESETS", "build_config", "config_to_dict", "load_config", "parse_overrides", "read_yaml",
     "reference_yaml", "save_config", "to_yaml", "validate_layout",
 ]

@@ -269,6 +269,39 @@ class StoreConfig:
         _require(0 < self.replay_age_decay <= 1, f"store.replay_age_decay={self.replay_age_decay} must lie in (0, 1]")
 
 
+ENGINE_NAMES = ("hf", "vllm", "sglang")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutConfig:
+    """Generation: the colocated engine and how it samples (paper defaults where they apply)."""
+
+    engine: str = doc("generation engine: hf (transformers; CPU and GPU) | vllm | sglang (GPU)", "hf")
+    prompts_per_step: int = doc("B: prompts per iteration (fresh + replayed)", 256)
+    responses_per_prompt: int = doc("n: responses sampled per prompt (PPO 1, GRPO 8)", 1)
+    max_prompt_tokens: int = doc("longer prompts are dropped (counted and reported)", 766)
+    max_new_tokens: int = doc("longest response", 8192)
+    temperature: float = doc("sampling temperature", 1.0)
+    top_p: float = doc("nucleus sampling", 1.0)
+    top_k: int = doc("top-k sampling; -1 = off", -1)
+    gpu_memory_utilization: float = doc("vllm/sglang: share of GPU memory the awake engine may take", 0.5)
+    weight_sync_bucket_mb: int = doc("weight sync: MB of HF-named tensors sent to the engine per bucket", 512)
+    logprob_check_interval: int = doc("compare engine and actor log-probs every this many syncs; 0 = never", 1)
+    logprob_check_threshold: float = doc("warn when the mean |engine - actor| log-prob gap exceeds this", 0.05)
+
+    def __post_init__(self) -> None:
+        _require_choice("rollout.engine", self.engine, ENGINE_NAMES)
+        _require_positive(self, "prompts_per_step", "responses_per_prompt", "max_prompt_tokens", "max_new_tokens",
+                          "top_p", "weight_sync_bucket_mb", "logprob_check_threshold")
+        _require(self.temperature >= 0, f"rollout.temperature={self.temperature} must be >= 0")
+        _require(self.top_p <= 1, f"rollout.top_p={self.top_p} must be <= 1")
+        _require(self.top_k == -1 or self.top_k >= 1, f"rollout.top_k={self.top_k} must be -1 (off) or >= 1")
+        _require(0 < self.gpu_memory_utilization < 1,
+                 f"rollout.gpu_memory_utilization={self.gpu_memory_utilization} must lie in (0, 1)")
+        _require(self.logprob_check_interval >= 0,
+                 f"rollout.logprob_check_interval={self.logprob_check_interval} must be >= 0")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
     """One experiment: every section, loaded from one YAML file plus CLI overrides."""
@@ -278,6 +311,7 @@ class ExperimentConfig:
     actor_optimizer: OptimizerConfig = section("actor optimizer (paper: lr 1e-6)", _actor_optimizer)
     critic_optimizer: OptimizerConfig = section("critic optimizer (paper: lr 1e-5)", _critic_optimizer)
     algorithm: AlgorithmConfig = section("ReMix / PPO / GRPO losses, advantages and schedules", AlgorithmConfig)
+    rollout: RolloutConfig = section("generation engine and sampling", RolloutConfig)
     store: StoreConfig = section("trajectory store and replay sampler", StoreConfig)
     trainer: TrainerConfig = section("batching and run settings", TrainerConfig)
 

@@ -1,0 +1,80 @@
+"""The generation-engine contract shared by the HF (CPU/GPU), vLLM and SGLang engines.
+
+An engine lives beside the actor (colocated): it sleeps (frees its memory) while Megatron
+trains, wakes up, receives the actor's fresh weights as HF-named tensors, and generates.
+Engines never see the trajectory store or Megatron.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+
+from remix_megatron.registry import Registry
+
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How to sample; the same meaning in every engine."""
+
+    n: int = 1  # responses per prompt
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1 = off
+    max_new_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()  # generation ends after emitting one of these
+    seed: int | None = None  # same seed + same weights + same prompts = same responses
+    return_logprobs: bool = True  # the engine's sampling log-probs, when it can give them
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"n={self.n} and max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or (self.top_k != -1 and self.top_k < 1):
+            raise ValueError(f"temperature={self.temperature} must be >= 0, top_p={self.top_p} in (0, 1], "
+                             f"top_k={self.top_k} -1 or >= 1")
+
+
+@dataclass(frozen=True, eq=False)
+class Generation:
+    """One response to one prompt."""
+
+    prompt_index: int  # position of its prompt in the generate() call
+    token_ids: np.ndarray  # int32 [response_len], the stop token included when one ended it
+    finish_reason: str  # stop | length | abort
+    logprobs: np.ndarray | None = field(default=None)  # float32 [response_len] sampling log-probs, if given
+
+    def __post_init__(self) -> None:
+        if self.finish_reason not in FINISH_REASONS:
+            raise ValueError(f"finish_reason={self.finish_reason!r} is not one of {', '.join(FINISH_REASONS)}")
+        if self.logprobs is not None and len(self.logprobs) != len(self.token_ids):
+            raise ValueError(f"{len(self.logprobs)} log-probs for {len(self.token_ids)} tokens")
+
+
+@runtime_checkable
+class GenerationEngine(Protocol):
+    """What the trainer needs from any generation engine."""
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Generation]]:
+        """``params.n`` responses for each prompt (token ids), in prompt order."""
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load full (unsharded) HF-named tensors into the engine's model, in place."""
+
+    def sleep(self) -> None:
+        """Release the engine's accelerator memory (weights and KV cache) until ``wake_up``."""
+
+    def wake_up(self) -> None:
+        """Re-acquire memory; weights must then be (re)loaded with ``update_weights``."""
+
+    def shutdown(self) -> None:
+        """Free everything; the engine cannot be used afterwards."""
+
+
+#: name -> factory(rollout config, model config, parallel state, hf_dir) -> GenerationEngine
+EngineFactory = Callable[..., GenerationEngine]
+ENGINES: Registry[EngineFactory] = Registry("generation engine")
