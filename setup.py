@@ -17,6 +17,9 @@ setup(
         "psutil>=5.9",  # megatron-core uses it (checkpoint save) without declaring it
         "einops>=0.7",  # likewise
         "transformers>=4.45,<5",  # 5.x Qwen2Config dropped rope_theta, which the HF maps use
+        "huggingface-hub>=0.34,<1.0",  # what transformers 4.x accepts (newer datasets pull 2.x)
+        "datasets>=3,<5",  # prompt sources from HF datasets (local directories or hub names)
+        "math-verify[antlr4_13_2]>=0.8,<1",  # answer equivalence (sympy) for math rewards
         "safetensors>=0.4",
         "pyarrow>=15",
         "wandb>=0.17",

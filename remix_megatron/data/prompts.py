@@ -1,0 +1,132 @@
+"""Prompt sources: records from jsonl / parquet / HF datasets, templated and tokenised.
+
+A record needs a problem and a reference answer (field names configurable) and may carry an
+id. The problem goes through the template (the paper's by default) and then the tokenizer's
+chat template as one user turn with the generation prompt appended. Prompts longer than the
+limit are dropped or left-truncated by configuration and counted, never a crash. Batches
+come in a deterministic order per (seed, epoch); the position is a small state dict saved in
+checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+PAPER_TEMPLATE = "{problem} Let's think step by step and output the final answer within \\boxed{{}}."
+OVERLONG_POLICIES = ("drop", "truncate")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    problem: str  # the raw problem text
+    answer: str  # the reference answer
+    token_ids: np.ndarray  # int32, the templated, chat-formatted prompt
+
+
+def load_records(source: str, *, split: str = "train") -> list[dict[str, Any]]:
+    """Rows of a ``.jsonl`` / ``.parquet`` file, an HF ``datasets`` directory, or a hub dataset name."""
+    path = Path(source)
+    if path.suffix == ".jsonl":
+        if not path.is_file():
+            raise ValueError(f"prompt file {source} does not exist")
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{source}:{number}: not valid JSON ({error})") from None
+        return rows
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        if not path.is_file():
+            raise ValueError(f"prompt file {source} does not exist")
+        return pq.read_table(path).to_pylist()
+    import datasets
+
+    if path.is_dir():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"{source} has splits {sorted(loaded)}, not {split!r}")
+            loaded = loaded[split]
+        return loaded.to_list()
+    return datasets.load_dataset(source, split=split).to_list()  # a hub name (needs network access)
+
+
+def render(problem: str, template: str, tokenizer) -> list[int]:
+    """Token ids of ``template`` applied to ``problem`` in the tokenizer's chat format."""
+    content = template.format(problem=problem)
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=True,
+                                                  add_generation_prompt=True))
+    return list(tokenizer(content)["input_ids"])
+
+
+class PromptSource:
+    """Tokenised prompts served in seeded, epoch-wise shuffled batches."""
+
+    def __init__(self, records: Sequence[dict], tokenizer, *, template: str = PAPER_TEMPLATE,
+                 max_prompt_tokens: int = 766, overlong: str = "drop", problem_key: str = "problem",
+                 answer_key: str = "answer", id_key: str = "id", seed: int = 0, name: str = "prompts") -> None:
+        if overlong not in OVERLONG_POLICIES:
+            raise ValueError(f"overlong={overlong!r} is not one of {', '.join(OVERLONG_POLICIES)}")
+        self.seed, self.name = seed, name
+        self.dropped = self.truncated = 0
+        self.prompts: list[Prompt] = []
+        for index, record in enumerate(records):
+            missing = [key for key in (problem_key, answer_key) if record.get(key) in (None, "")]
+            if missing:
+                raise ValueError(f"{name} row {index} lacks {', '.join(repr(k) for k in missing)} "
+                                 f"(fields present: {sorted(record)}); set the field names in the data config")
+            ids = render(str(record[problem_key]), template, tokenizer)
+            if len(ids) > max_prompt_tokens:
+                if overlong == "drop":
+                    self.dropped += 1
+                    continue
+                ids, self.truncated = ids[-max_prompt_tokens:], self.truncated + 1
+            self.prompts.append(Prompt(id=str(record.get(id_key, f"{name}-{index}")), problem=str(record[problem_key]),
+                                       answer=str(record[answer_key]), token_ids=np.asarray(ids, dtype=np.int32)))
+        if self.dropped or self.truncated:
+            logger.warning("%s: %d prompts longer than %d tokens dropped, %d truncated", name, self.dropped,
+                           max_prompt_tokens, self.truncated)
+        if not self.prompts:
+            raise ValueError(f"{name}: no prompt fits in {max_prompt_tokens} tokens ({self.dropped} dropped)")
+        self.epoch, self.position = 0, 0
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.prompts))
+
+    def next_batch(self, size: int) -> list[Prompt]:
+        """The next ``size`` prompts; an epoch boundary reshuffles and continues."""
+        batch = []
+        while len(batch) < size:
+            order = self._order(self.epoch)
+            take = min(size - len(batch), len(order) - self.position)
+            batch += [self.prompts[i] for i in order[self.position:self.position + take]]
+            self.position += take
+            if self.position == len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "size": len(self.prompts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed or state["size"] != len(self.prompts):
+            raise ValueError(f"{self.name}: saved position is for seed {state['seed']} and {state['size']} prompts, "
+                             f"this source has seed {self.seed} and {len(self.prompts)}")
+        self.epoch, self.position = state["epoch"], state["position"]
