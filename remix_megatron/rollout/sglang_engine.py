@@ -194,9 +194,10 @@ class SGLangEngine:
         self._check_live()
         if self._asleep:
             raise RuntimeError("SGLangEngine.generate called while asleep; call wake_up() first")
+        # every rank checks the prompts, so a bad one fails everywhere instead of stalling the broadcast
+        requests = sglang_requests(prompts, params)
         result: list[list[Generation]] | None = None
         if self._engine is not None:
-            requests = sglang_requests(prompts, params)
             outputs: Any = []
             if requests.input_ids:
                 outputs = self._engine.generate(input_ids=requests.input_ids, sampling_params=requests.sampling_params,
