@@ -1,0 +1,198 @@
+"""A synthetic verifiable task and a tiny model for CPU runs.
+
+Task: add two 2-digit numbers. The prompt is ``"a+b="``; a correct response is
+``"<think>D</think> \\boxed{S}"`` where ``S`` is the sum and ``D`` its digits least
+significant first (a scratchpad a small transformer can learn: carries flow forward), so
+the real math grader scores it. The tokenizer is character level (an HF fast tokenizer
+with a chat template); ``<think>``, ``</think>`` and ``\\boxed{`` are ordinary characters, so
+decoding never strips them.
+
+``build_tiny_model`` makes a ~0.8M-parameter Qwen2 model and SFT-trains it on CPU just
+until greedy held-out accuracy reaches ``target_accuracy`` (default 25%: RL has headroom),
+then saves an ordinary HF directory (config, safetensors, tokenizer, BUILD.json). It is
+seeded and cached by its settings, so it is built once per machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ("<|pad|>", "<|user|>", "<|assistant|>", "<|end|>")
+CHARACTERS = "0123456789+= <>/thinkbox\\ed{}"
+CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TEMPLATE = "{problem}"  # the tiny task's prompt template (the paper's would swamp a 64-token context)
+
+
+@dataclass(frozen=True)
+class TinySettings:
+    seed: int = 0
+    min_operand: int = 10
+    max_operand: int = 99
+    hidden_size: int = 128
+    num_layers: int = 4
+    target_accuracy: float = 0.25
+    max_steps: int = 4000
+    batch_size: int = 64
+    lr: float = 3e-3
+    eval_every: int = 100
+    eval_size: int = 256
+    version: int = 1
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def problem(a: int, b: int) -> str:
+    return f"{a}+{b}="
+
+
+def solution(a: int, b: int) -> str:
+    total = str(a + b)
+    return f"<think>{total[::-1]}</think> \\boxed{{{total}}}"
+
+
+def split_problems(settings: TinySettings, split: str, count: int) -> list[dict]:
+    """Deterministic problems; the held-out split never shares a pair with the train split."""
+    rng = random.Random(f"{settings.seed}-{split}")
+    rows = []
+    while len(rows) < count:
+        a, b = rng.randint(settings.min_operand, settings.max_operand), rng.randint(settings.min_operand,
+                                                                                     settings.max_operand)
+        held_out = (a * 7919 + b) % 10 == 0  # 10% of all pairs are reserved for evaluation
+        if held_out == (split == "heldout"):
+            rows.append({"id": f"add-{split}-{len(rows)}", "problem": problem(a, b), "answer": str(a + b)})
+    return rows
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    vocab.update({char: len(SPECIAL_TOKENS) + i for i, char in enumerate(CHARACTERS)})
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="<|pad|>"))
+    inner.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    inner.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="<|pad|>", eos_token="<|end|>",
+                                        unk_token="<|pad|>", additional_special_tokens=list(SPECIAL_TOKENS[1:3]))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("REMIX_MEGATRON_CACHE", Path.home() / ".cache" / "remix_megatron"))
+
+
+def _model_config(settings: TinySettings, vocab_size: int):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=vocab_size, hidden_size=settings.hidden_size,
+                       intermediate_size=settings.hidden_size * 11 // 4, num_hidden_layers=settings.num_layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rope_theta=10000.0,
+                       rms_norm_eps=1e-6, tie_word_embeddings=False, pad_token_id=0, eos_token_id=3, bos_token_id=1)
+
+
+def _encode(tokenizer, rows: list[dict], with_answers: bool):
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": TEMPLATE.format(problem=r["problem"])}],
+                                             tokenize=True, add_generation_prompt=True) for r in rows]
+    if not with_answers:
+        return prompts
+    answers = [tokenizer(solution(*map(int, r["problem"][:-1].split("+"))))["input_ids"] + [tokenizer.eos_token_id]
+               for r in rows]
+    return prompts, answers
+
+
+def greedy_accuracy(model, tokenizer, rows: list[dict], *, batch_size: int = 128, max_new_tokens: int = 40) -> float:
+    """Share of ``rows`` whose greedy response the math grader scores 1."""
+    import torch
+
+    from remix_megatron.rewards import MathGrader
+
+    grader, correct = MathGrader(timeout_s=2.0), 0
+    model.eval()
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        prompts = _encode(tokenizer, chunk, with_answers=False)
+        width = max(map(len, prompts))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+        mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
+        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        scores, _ = grader(texts, [r["answer"] for r in chunk])
+        correct += int(sum(scores))
+    model.train()
+    return correct / len(rows)
+
+
+def _train(settings: TinySettings, model, tokenizer, heldout: list[dict]) -> tuple[float, int]:
+    import torch
+
+    torch.manual_seed(settings.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 100))
+    rows = split_problems(settings, "train", settings.batch_size * settings.max_steps)
+    accuracy, step = 0.0, 0
+    model.train()
+    for step in range(1, settings.max_steps + 1):
+        batch = rows[(step - 1) * settings.batch_size: step * settings.batch_size]
+        prompts, answers = _encode(tokenizer, batch, with_answers=True)
+        sequences = [p + a for p, a in zip(prompts, answers)]
+        width = max(map(len, sequences))
+        ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences])
+        labels = torch.full_like(ids, -100)
+        for row, (p, a) in enumerate(zip(prompts, answers)):
+            labels[row, len(p):len(p) + len(a)] = torch.tensor(a)
+        loss = model(input_ids=ids, attention_mask=(ids != 0).long() | (labels != -100).long(), labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % settings.eval_every == 0:
+            accuracy = greedy_accuracy(model, tokenizer, heldout)
+            logger.info("tiny model SFT step %d: loss %.4f, held-out accuracy %.3f", step, loss.item(), accuracy)
+            if accuracy >= settings.target_accuracy:
+                break
+    return accuracy, step
+
+
+def build_tiny_model(out_dir: str | os.PathLike | None = None, settings: TinySettings = TinySettings(), *,
+                     force: bool = False) -> Path:
+    """Build (or reuse from the cache) the SFT-ed tiny arithmetic model; returns its HF directory."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    out = Path(out_dir) if out_dir else default_cache_dir() / f"tiny-arith-{settings.key()}"
+    if (out / "BUILD.json").is_file() and not force:
+        return out
+    start = time.monotonic()
+    tokenizer = make_tokenizer()
+    torch.manual_seed(settings.seed)
+    model = Qwen2ForCausalLM(_model_config(settings, vocab_size=64))
+    heldout = split_problems(settings, "heldout", settings.eval_size)
+    accuracy, steps = _train(settings, model, tokenizer, heldout)
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    build = {"settings": asdict(settings), "heldout_accuracy": accuracy, "sft_steps": steps,
+             "parameters": sum(p.numel() for p in model.parameters()), "build_s": round(time.monotonic() - start, 1),
+             "task": "a+b= (2 digits) -> <think>reversed sum</think> \\boxed{sum}"}
+    (staging / "BUILD.json").write_text(json.dumps(build, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, out)
+    return out
