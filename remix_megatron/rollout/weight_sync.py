@@ -111,10 +111,14 @@ def logprob_gap(engine_logprobs: Sequence[np.ndarray], actor_logprobs: Sequence[
     return float(sum(d.sum() for d in diffs) / total) if total else 0.0
 
 
-def check_logprob_gap(gap: float, threshold: float) -> bool:
-    """Log a warning when the engine and the actor disagree by more than ``threshold``."""
+class LogprobMismatchError(RuntimeError):
+    """The engine samples from a different policy than the actor trains (a silent RL killer)."""
+
+
+def check_logprob_gap(gap: float, threshold: float) -> None:
+    """Raise when the engine and the actor disagree by more than ``threshold`` (mean |diff|)."""
     if gap > threshold:
-        logger.warning("engine vs actor log-prob gap %.4f exceeds %.4f: weights out of sync, or engine numerics "
-                       "differ (dtype, kernels)", gap, threshold)
-        return False
-    return True
+        raise LogprobMismatchError(
+            f"engine vs actor log-prob gap {gap:.4f} exceeds rollout.logprob_check_threshold={threshold}: the "
+            "engine's weights are out of sync with the actor, or its numerics differ (dtype, kernels, a model "
+            "the name map does not cover). Importance ratios would be wrong from here on.")

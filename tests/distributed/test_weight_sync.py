@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from remix_megatron.rollout.weight_sync import LogprobMismatchError, check_logprob_gap
 from tests.conftest import REPO
 from tests.hf_models import make_hf_model
 
@@ -21,7 +22,7 @@ def sources(tmp_path_factory):
     return make_hf_model("qwen2", root / "a", seed=0), make_hf_model("qwen2", root / "b", seed=1)
 
 
-@pytest.mark.parametrize(("nproc", "tp", "pp"), [(1, 1, 1), (2, 1, 2), (4, 2, 2)])
+@pytest.mark.parametrize(("nproc", "tp", "pp"), [(1, 1, 1), (2, 2, 1), (2, 1, 2), (4, 2, 2)])
 def test_engine_receives_the_actor_weights(sources, tmp_path, nproc, tp, pp):
     out = tmp_path / "result"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -35,3 +36,12 @@ def test_engine_receives_the_actor_weights(sources, tmp_path, nproc, tp, pp):
         assert result["max_param_diff"] == 0.0  # every rank's engine holds model B exactly
         assert result["tensors"] == result["expected_tensors"] and result["buckets"] > 3  # small buckets
         assert result["gap"] < 1e-4  # engine sampling log-probs == actor recomputed log-probs
+        assert result["logits_gap"] < 1e-5  # engine logits == actor logits
+        assert result["stale_logits_gap"] > 1e-3  # the optimizer step moved the actor away...
+        assert result["logits_gap_after_step"] < 1e-5  # ...and the next sync brought the engine along
+
+
+def test_logprob_gap_threshold_raises():
+    check_logprob_gap(0.01, 0.05)
+    with pytest.raises(LogprobMismatchError, match="gap 0.2000 exceeds rollout.logprob_check_threshold=0.05"):
+        check_logprob_gap(0.2, 0.05)
