@@ -123,6 +123,20 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         return 1
 
 
+def _cmd_tiny(args: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    from remix_megatron.data.tiny import build_tiny_model
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    path = build_tiny_model(args.out, force=args.force)
+    build = json.loads((path / "BUILD.json").read_text())
+    print(f"tiny model: {path} ({build['parameters']} parameters, held-out accuracy "
+          f"{build['heldout_accuracy']:.3f} after {build['sft_steps']} SFT steps, built in {build['build_s']} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="remix-megatron", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="to-hf: dtype (default: training's)")
     convert.add_argument("--tolerance", type=float, default=1e-5, help="verify-hf: max logit difference")
     convert.set_defaults(func=_cmd_convert)
+    tiny = sub.add_parser("tiny", help="build (or find in the cache) the tiny arithmetic model for CPU runs")
+    tiny.add_argument("--out", default=None, help="directory (default: the cache)")
+    tiny.add_argument("--force", action="store_true", help="rebuild even if cached")
+    tiny.set_defaults(func=_cmd_tiny)
     presets = sub.add_parser("presets", help="list model presets")
     presets.set_defaults(func=_cmd_presets)
     return parser

@@ -96,7 +96,9 @@ def megatron_logits(chunks: Sequence[torch.nn.Module], tokens: torch.Tensor, sta
 
 def verify_against_hf(chunks: Sequence[torch.nn.Module], state: ParallelState, model: ModelConfig,
                       hf_dir: str | Path, *, seq_length: int = 32, batch: int = 2, seed: int = 0) -> float:
-    """Max |Megatron logits - transformers logits| on random tokens, the same on every rank."""
+    """Max |Megatron - transformers| logit difference on random tokens, relative to the logit
+    scale: divided by max(1, max |logit|), since fp32 rounding grows with the magnitude (a
+    trained model's logits reach tens). The same value on every rank."""
     tokens = torch.randint(0, model.vocab_size, (batch, seq_length), generator=torch.Generator().manual_seed(seed))
     logits = megatron_logits(chunks, tokens.to(state.runtime.device), state)
     diff = torch.zeros((), dtype=torch.float64)
@@ -106,6 +108,7 @@ def verify_against_hf(chunks: Sequence[torch.nn.Module], state: ParallelState, m
         reference = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32, attn_implementation="eager")
         with torch.no_grad():
             expected = reference(tokens).logits
-        diff = (logits.float().cpu() - expected).abs().max().double()
+        scale = max(1.0, expected.abs().max().item())
+        diff = ((logits.float().cpu() - expected).abs().max() / scale).double()
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     return diff.item()

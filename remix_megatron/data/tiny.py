@@ -9,8 +9,10 @@ decoding never strips them.
 
 ``build_tiny_model`` makes a ~0.8M-parameter Qwen2 model and SFT-trains it on CPU just
 until greedy held-out accuracy reaches ``target_accuracy`` (default 25%: RL has headroom),
-then saves an ordinary HF directory (config, safetensors, tokenizer, BUILD.json). It is
-seeded and cached by its settings, so it is built once per machine.
+then saves an ordinary HF directory (config, safetensors, tokenizer, BUILD.json with the
+accuracy reached) plus ``train.jsonl`` / ``heldout.jsonl`` prompt files (fields id, problem,
+answer). It is seeded and cached by its settings (under ``$REMIX_MEGATRON_CACHE`` or
+``~/.cache/remix_megatron``), so it is built once per machine.
 """
 
 from __future__ import annotations
@@ -42,11 +44,11 @@ class TinySettings:
     hidden_size: int = 128
     num_layers: int = 4
     target_accuracy: float = 0.25
-    max_steps: int = 4000
+    max_steps: int = 1500
     batch_size: int = 64
     lr: float = 3e-3
-    eval_every: int = 100
-    eval_size: int = 256
+    eval_every: int = 20  # accuracy climbs from 0 to ~0.4 within ~60 steps: evaluate often
+    eval_size: int = 128
     version: int = 1
 
     def key(self) -> str:
@@ -192,6 +194,9 @@ def build_tiny_model(out_dir: str | os.PathLike | None = None, settings: TinySet
              "parameters": sum(p.numel() for p in model.parameters()), "build_s": round(time.monotonic() - start, 1),
              "task": "a+b= (2 digits) -> <think>reversed sum</think> \\boxed{sum}"}
     (staging / "BUILD.json").write_text(json.dumps(build, indent=1))
+    for split, count in (("train", 4096), ("heldout", settings.eval_size)):
+        rows = split_problems(settings, split, count)
+        (staging / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staging, out)

@@ -1,0 +1,59 @@
+"""The tiny arithmetic model: built (or cached) as a user would, in the accuracy band, graded by
+the real math grader through our own engine, and loaded into Megatron with transformers' logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from remix_megatron.data import PromptSource, load_records
+from remix_megatron.data.tiny import TEMPLATE, make_tokenizer, solution
+from remix_megatron.rewards import MathGrader
+from remix_megatron.rollout import SamplingParams
+from remix_megatron.rollout.hf_engine import HFEngine
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def tiny_dir():
+    from remix_megatron.data.tiny import build_tiny_model
+
+    return build_tiny_model()  # cached after the first build on a machine
+
+
+def test_format_pieces_survive_decoding():
+    tokenizer = make_tokenizer()
+    text = solution(47, 85)
+    assert text == "<think>231</think> \\boxed{132}"
+    ids = tokenizer(text)["input_ids"]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text  # not special tokens: never stripped
+    assert len(ids) == len(text)  # one token per character
+
+
+def test_accuracy_band_through_engine_and_grader(tiny_dir):
+    build = json.loads((tiny_dir / "BUILD.json").read_text())
+    assert 0.10 <= build["heldout_accuracy"] <= 0.60, build
+    assert 500_000 < build["parameters"] < 1_500_000
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    source = PromptSource(load_records(str(tiny_dir / "heldout.jsonl")), tokenizer, template=TEMPLATE,
+                          max_prompt_tokens=32)
+    engine = HFEngine(str(tiny_dir))
+    generations = engine.generate([p.token_ids.tolist() for p in source.prompts],
+                                  SamplingParams(temperature=0.0, max_new_tokens=40,
+                                                 stop_token_ids=(tokenizer.eos_token_id,)))
+    texts = [tokenizer.decode(g[0].token_ids, skip_special_tokens=True) for g in generations]
+    scores, stats = MathGrader()(texts, [p.answer for p in source.prompts])
+    accuracy = sum(scores) / len(scores)
+    assert abs(accuracy - build["heldout_accuracy"]) <= 0.03, (accuracy, build["heldout_accuracy"])
+    assert stats.no_box < len(texts) // 2  # the format is learned even where the sum is wrong
+
+
+def test_loads_into_megatron_with_transformers_logits(tiny_dir):
+    out = run_cli(["convert", "verify-hf", "configs/tiny_cpu.yaml", f"model.hf_path={tiny_dir}",
+                   "parallel.tensor_parallel=2", "parallel.pipeline_parallel=1"], nproc=2).stdout
+    assert "OK" in out, out
