@@ -8,12 +8,16 @@ Engines never see the trajectory store or Megatron.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol, Sequence, runtime_checkable
+import importlib
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
 
 from remix_megatron.registry import Registry
+
+if TYPE_CHECKING:
+    from remix_megatron.config import ModelConfig, RolloutConfig
 
 FINISH_REASONS = ("stop", "length", "abort")
 
@@ -78,3 +82,29 @@ class GenerationEngine(Protocol):
 #: name -> factory(rollout config, model config, parallel state, hf_dir) -> GenerationEngine
 EngineFactory = Callable[..., GenerationEngine]
 ENGINES: Registry[EngineFactory] = Registry("generation engine")
+
+
+def context_length(rollout: "RolloutConfig", model: "ModelConfig") -> int:
+    """Tokens per sequence (prompt + response) an engine reserves KV room for, capped by the
+    model's position table (vLLM and SGLang refuse a longer context)."""
+    return min(model.max_position_embeddings, rollout.max_prompt_tokens + rollout.max_new_tokens)
+
+
+def token_id_lists(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+    """The prompts as plain lists of ints; ValueError on an empty prompt."""
+    lists = [[int(token) for token in prompt] for prompt in prompts]
+    empty = [index for index, prompt in enumerate(lists) if not prompt]
+    if empty:
+        raise ValueError(f"prompts {empty[:8]} are empty; every prompt needs at least one token")
+    return lists
+
+
+def import_gpu_package(name: str, install_hint: str) -> Any:
+    """Import a GPU-only engine package, or raise RuntimeError saying what to install."""
+    try:
+        module = importlib.import_module(name)
+    except ImportError as error:
+        raise RuntimeError(f"{install_hint} (import {name} failed: {error})") from error
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"{install_hint} (torch.cuda.is_available() is False on this machine)")
+    return module

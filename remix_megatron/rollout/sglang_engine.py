@@ -38,7 +38,6 @@ API facts this module relies on, read in sgl-project/sglang (main branch, early 
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
@@ -47,7 +46,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from remix_megatron.rollout.engine import ENGINES, Generation, SamplingParams
+from remix_megatron.rollout.engine import (
+    ENGINES, Generation, SamplingParams, context_length, import_gpu_package, token_id_lists,
+)
 
 if TYPE_CHECKING:
     from remix_megatron.config import ModelConfig, RolloutConfig
@@ -138,36 +139,12 @@ def group_generations(outputs: Sequence[Mapping[str, Any]], requests: SGLangRequ
     return grouped
 
 
-def sglang_context_length(rollout: RolloutConfig, model: ModelConfig) -> int:
-    """Tokens per sequence (prompt + response); SGLang refuses more than the position table."""
-    return min(model.max_position_embeddings, rollout.max_prompt_tokens + rollout.max_new_tokens)
-
-
-def token_id_lists(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
-    """The prompts as plain lists of ints; ValueError on an empty prompt."""
-    lists = [[int(token) for token in prompt] for prompt in prompts]
-    empty = [index for index, prompt in enumerate(lists) if not prompt]
-    if empty:
-        raise ValueError(f"prompts {empty[:8]} are empty; every prompt needs at least one token")
-    return lists
-
-
-def _import_sglang() -> Any:
-    try:
-        sglang = importlib.import_module("sglang")
-    except ImportError as error:
-        raise RuntimeError(f"{INSTALL_HINT} (import sglang failed: {error})") from error
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"{INSTALL_HINT} (torch.cuda.is_available() is False on this machine)")
-    return sglang
-
-
 class SGLangEngine:
     """One rank's view of its TP group's SGLang engine (see the module docstring)."""
 
     def __init__(self, *, hf_dir: str, tensor_parallel: int, tp_rank: int, tp_group: Any, base_gpu_id: int,
                  mem_fraction_static: float, context_length: int, seed: int, bucket_bytes: int) -> None:
-        sglang = _import_sglang()
+        sglang = import_gpu_package("sglang", INSTALL_HINT)
         if tensor_parallel > 1 and not dist.is_initialized():
             raise RuntimeError("SGLangEngine with tensor_parallel > 1 runs inside the trainer's torch.distributed "
                                "world: build it after remix_megatron.parallel.init_parallel")
@@ -285,7 +262,7 @@ def make_sglang_engine(rollout: RolloutConfig, model: ModelConfig, state: Parall
     return SGLangEngine(hf_dir=hf_dir, tensor_parallel=state.tensor_parallel, tp_rank=state.tp_rank,
                         tp_group=state.tp_group, base_gpu_id=state.local_rank,
                         mem_fraction_static=rollout.gpu_memory_utilization,
-                        context_length=sglang_context_length(rollout, model), seed=seed,
+                        context_length=context_length(rollout, model), seed=seed,
                         bucket_bytes=rollout.weight_sync_bucket_mb * 2**20)
 
 

@@ -44,7 +44,6 @@ API facts this module relies on, read in vllm-project/vllm (main branch, early 2
 from __future__ import annotations
 
 import gc
-import importlib
 import os
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -52,7 +51,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from remix_megatron.rollout.engine import ENGINES, Generation, SamplingParams
+from remix_megatron.rollout.engine import (
+    ENGINES, Generation, SamplingParams, context_length, import_gpu_package, token_id_lists,
+)
 
 if TYPE_CHECKING:
     from remix_megatron.config import ModelConfig, RolloutConfig
@@ -126,39 +127,12 @@ def vllm_output_to_generations(output: Any, prompt_index: int, *, with_logprobs:
     ]
 
 
-def vllm_max_model_len(rollout: RolloutConfig, model: ModelConfig) -> int:
-    """Tokens per sequence (prompt + response) the engine reserves KV room for.
-
-    Capped by the model's position table: vLLM refuses a longer ``max_model_len``.
-    """
-    return min(model.max_position_embeddings, rollout.max_prompt_tokens + rollout.max_new_tokens)
-
-
-def token_id_lists(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
-    """The prompts as plain lists of ints; ValueError on an empty prompt."""
-    lists = [[int(token) for token in prompt] for prompt in prompts]
-    empty = [index for index, prompt in enumerate(lists) if not prompt]
-    if empty:
-        raise ValueError(f"prompts {empty[:8]} are empty; every prompt needs at least one token")
-    return lists
-
-
-def _import_vllm() -> Any:
-    try:
-        vllm = importlib.import_module("vllm")
-    except ImportError as error:
-        raise RuntimeError(f"{INSTALL_HINT} (import vllm failed: {error})") from error
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"{INSTALL_HINT} (torch.cuda.is_available() is False on this machine)")
-    return vllm
-
-
 class VLLMEngine:
     """One rank's share of a colocated vLLM replica (see the module docstring)."""
 
     def __init__(self, *, hf_dir: str, tensor_parallel: int, rank: int, local_rank: int,
                  gpu_memory_utilization: float, max_model_len: int, seed: int) -> None:
-        vllm = _import_vllm()
+        vllm = import_gpu_package("vllm", INSTALL_HINT)
         if not dist.is_initialized():
             raise RuntimeError("VLLMEngine runs inside the trainer's torch.distributed world: "
                                "build it after remix_megatron.parallel.init_parallel")
@@ -242,7 +216,7 @@ def make_vllm_engine(rollout: RolloutConfig, model: ModelConfig, state: Parallel
     """The registered factory: a vLLM replica per actor TP group, sized by ``rollout``."""
     return VLLMEngine(hf_dir=hf_dir, tensor_parallel=state.tensor_parallel, rank=state.rank,
                       local_rank=state.local_rank, gpu_memory_utilization=rollout.gpu_memory_utilization,
-                      max_model_len=vllm_max_model_len(rollout, model), seed=seed)
+                      max_model_len=context_length(rollout, model), seed=seed)
 
 
 ENGINES.register("vllm", make_vllm_engine)

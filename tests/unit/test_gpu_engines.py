@@ -18,11 +18,10 @@ import torch
 
 from remix_megatron.config import ModelConfig, RolloutConfig
 from remix_megatron.parallel import ParallelState, Runtime
-from remix_megatron.rollout.engine import ENGINES, SamplingParams
+from remix_megatron.rollout.engine import ENGINES, SamplingParams, context_length, token_id_lists
 from remix_megatron.rollout.sglang_engine import (
     group_generations,
     make_sglang_engine,
-    sglang_context_length,
     sglang_finish_reason,
     sglang_output_to_generation,
     sglang_requests,
@@ -31,9 +30,7 @@ from remix_megatron.rollout.sglang_engine import (
 from remix_megatron.rollout.vllm_engine import (
     make_vllm_engine,
     sampled_token_logprobs,
-    token_id_lists,
     vllm_finish_reason,
-    vllm_max_model_len,
     vllm_output_to_generations,
     vllm_sampling_kwargs,
 )
@@ -161,8 +158,8 @@ def test_sampled_token_logprobs_rejects_inconsistent_output(logprobs, match):
 
 def test_max_model_len_is_capped_by_positions():
     rollout = RolloutConfig(max_prompt_tokens=100, max_new_tokens=100)
-    assert vllm_max_model_len(rollout, MODEL) == 200
-    assert sglang_context_length(RolloutConfig(max_prompt_tokens=200, max_new_tokens=100), MODEL) == 256
+    assert context_length(rollout, MODEL) == 200
+    assert context_length(RolloutConfig(max_prompt_tokens=200, max_new_tokens=100), MODEL) == 256
 
 
 def test_empty_prompt_is_a_value_error():
