@@ -39,6 +39,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from remix_megatron.parallel import destroy_parallel
+    from remix_megatron.trainer import train
+
+    history = train(cfg)
+    if dist.get_rank() == 0:
+        path = save_config(cfg, Path(cfg.trainer.run_dir) / "config.yaml")
+        accuracies = [r["eval_accuracy"] for r in history if "eval_accuracy" in r]
+        if accuracies:
+            print(f"held-out accuracy {accuracies[0]:.3f} -> {accuracies[-1]:.3f}; metrics in "
+                  f"{Path(cfg.trainer.run_dir) / 'metrics.jsonl'}, config in {path}", flush=True)
+    destroy_parallel()
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     if args.action == "reference":
         sys.stdout.write(reference_yaml())
@@ -146,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dump", default=None, help="write outputs, gradients and parameters here (for tests)")
     demo.add_argument("--init-from", default=None, help="full (TP=1, PP=1) safetensors to load first")
     demo.set_defaults(func=_cmd_demo)
+    trainer = sub.add_parser("train", help="ReMix / PPO / GRPO training from a YAML (run under torchrun for >1 process)")
+    _add_config_args(trainer)
+    trainer.set_defaults(func=_cmd_train)
     config = sub.add_parser("config", help="print the reference of all keys, show or check a config")
     config.add_argument("action", choices=("reference", "show", "check"))
     config.add_argument("config", nargs="?", default=None, help="experiment YAML (show, check)")

@@ -15,6 +15,7 @@ from remix_megatron.config.presets import MODEL_PRESETS
 from remix_megatron.config.schema import (
     AlgorithmConfig,
     ConfigError,
+    DataConfig,
     ExperimentConfig,
     ModelConfig,
     OptimizerConfig,
@@ -25,7 +26,7 @@ from remix_megatron.config.schema import (
 )
 
 __all__ = [
-    "AlgorithmConfig", "ConfigError", "ExperimentConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "RolloutConfig", "StoreConfig", "TrainerConfig",
+    "AlgorithmConfig", "ConfigError", "DataConfig", "ExperimentConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "RolloutConfig", "StoreConfig", "TrainerConfig",
     "MODEL_PRESETS", "build_config", "config_to_dict", "load_config", "parse_overrides", "read_yaml",
     "reference_yaml", "save_config", "to_yaml", "validate_layout",
 ]

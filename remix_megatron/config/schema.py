@@ -302,6 +302,33 @@ class RolloutConfig:
                  f"rollout.logprob_check_interval={self.logprob_check_interval} must be >= 0")
 
 
+PAPER_TEMPLATE = "{problem} Let's think step by step and output the final answer within \\boxed{{}}."
+OVERLONG_POLICIES = ("drop", "truncate")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Prompts, their template, the reward, and held-out evaluation."""
+
+    train_path: str = doc("training prompts: .jsonl, .parquet, an HF datasets directory or hub name", "")
+    eval_path: str = doc("held-out prompts for periodic greedy accuracy; '' = none", "")
+    problem_key: str = doc("record field with the problem text", "problem")
+    answer_key: str = doc("record field with the reference answer", "answer")
+    id_key: str = doc("record field with a prompt id (row index when absent)", "id")
+    template: str = doc("prompt template ({problem} is replaced), then the tokenizer's chat template", PAPER_TEMPLATE)
+    overlong: str = doc("prompts over rollout.max_prompt_tokens: drop | truncate (counted either way)", "drop")
+    reward: str = doc("registered reward (see remix_megatron.rewards): math", "math")
+    eval_interval: int = doc("evaluate every this many iterations (and before the first, and after the last); "
+                             "0 = never", 10)
+    eval_size: int = doc("held-out prompts evaluated; 0 = all", 0)
+
+    def __post_init__(self) -> None:
+        _require_choice("data.overlong", self.overlong, OVERLONG_POLICIES)
+        _require("{problem}" in self.template, f"data.template={self.template!r} must contain {{problem}}")
+        _require(self.eval_interval >= 0 and self.eval_size >= 0,
+                 f"data.eval_interval={self.eval_interval} and data.eval_size={self.eval_size} must be >= 0")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
     """One experiment: every section, loaded from one YAML file plus CLI overrides."""
@@ -312,6 +339,7 @@ class ExperimentConfig:
     critic_optimizer: OptimizerConfig = section("critic optimizer (paper: lr 1e-5)", _critic_optimizer)
     algorithm: AlgorithmConfig = section("ReMix / PPO / GRPO losses, advantages and schedules", AlgorithmConfig)
     rollout: RolloutConfig = section("generation engine and sampling", RolloutConfig)
+    data: DataConfig = section("prompts, template, reward, evaluation", DataConfig)
     store: StoreConfig = section("trajectory store and replay sampler", StoreConfig)
     trainer: TrainerConfig = section("batching and run settings", TrainerConfig)
 

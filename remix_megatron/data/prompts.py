@@ -18,10 +18,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from remix_megatron.config.schema import OVERLONG_POLICIES, PAPER_TEMPLATE
 
-PAPER_TEMPLATE = "{problem} Let's think step by step and output the final answer within \\boxed{{}}."
-OVERLONG_POLICIES = ("drop", "truncate")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,448 @@
+"""The ReMix training loop: one iteration reads like the paper's algorithm.
+
+    for k = 1, 2, ...:
+        phase(k)                      -> off-policy portion p, UTD, reincarnation (ref <- pi_k)
+        rollout(k)                    -> fresh responses of pi_k on the colocated engine, rewards,
+                                         behaviour log-probs and values, written to the store
+        mixed batch(k)                -> (1-p)B fresh + pB replayed from k-N..k-1
+        pi_k / ref / prev log-probs, values, advantages (V-trace GAE | GAE | GRPO)
+        UTD passes of actor and critic updates through Megatron's schedules
+        metrics, evaluation, checkpoint
+
+Algorithms (ppo, grpo, remix_ppo, remix_grpo) are configs of this one loop. The precedent
+policy pi_{k-1} for KL-convex is a model copy: at iteration k it still holds pi_{k-1}, its
+log-probs are computed, and then it takes pi_k's weights (before the updates) for k+1.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from remix_megatron.algorithms import ADVANTAGE_ESTIMATORS, ActorLossInputs, AdvantageInputs, check_algorithm_names
+from remix_megatron.algorithms import kl_lambda, phase
+from remix_megatron.algorithms.advantages import grpo_advantages
+from remix_megatron.algorithms.megatron_adapter import (
+    CriticTargets, MicroBatch, actor_loss_builder, critic_loss_builder, forward_logprobs, forward_values,
+    reduce_metrics, run_pipeline,
+)
+from remix_megatron.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
+from remix_megatron.config import ConfigError, ExperimentConfig
+from remix_megatron.convert.export import load_hf_into
+from remix_megatron.data import PromptSource, load_records
+from remix_megatron.models import build_actor, build_critic, make_trainable
+from remix_megatron.parallel import ParallelState, init_parallel
+from remix_megatron.rewards import REWARDS
+from remix_megatron.rollout import SamplingParams, get_engine_factory
+from remix_megatron.rollout.weight_sync import check_logprob_gap, logprob_gap, sync_weights
+from remix_megatron.store import MixedSampler, Trajectory, open_store
+
+REFLECTION_WORDS = ("wait", "verify", "check", "re-examine", "confirm", "but")
+CRITIC_ESTIMATORS = ("gae", "vtrace_gae")
+
+
+@dataclass
+class Models:
+    actor: object  # TrainableModel
+    critic: object | None  # TrainableModel, for GAE-style estimators
+    ref: list  # chunks of the reference policy
+    prev: list  # chunks of the precedent policy pi_{k-1}
+
+    def named(self) -> dict:
+        named = {"actor": self.actor, "ref": self.ref, "prev": self.prev}
+        if self.critic is not None:
+            named["critic"] = self.critic
+        return named
+
+
+def _copy_weights(source_chunks, target_chunks) -> None:
+    """Same layout, same rank: a local copy of every parameter."""
+    with torch.no_grad():
+        for source, target in zip(source_chunks, target_chunks):
+            for (_, s), (_, t) in zip(source.named_parameters(), target.named_parameters()):
+                t.copy_(s)
+
+
+def _build_models(cfg: ExperimentConfig, state: ParallelState) -> Models:
+    actor = make_trainable(build_actor(cfg.model, state), cfg.actor_optimizer, cfg.parallel, state)
+    critic = None
+    if cfg.algorithm.advantage_estimator in CRITIC_ESTIMATORS:
+        critic = make_trainable(build_critic(cfg.model, state, seed=cfg.trainer.seed), cfg.critic_optimizer,
+                                cfg.parallel, state)
+    models = Models(actor=actor, critic=critic, ref=build_actor(cfg.model, state), prev=build_actor(cfg.model, state))
+    load_hf_into(cfg.model.hf_path, cfg.model, state, actor=actor.unwrapped(),
+                 critic=critic.unwrapped() if critic is not None else None)
+    for model in (actor, critic):
+        if model is not None:
+            model.optimizer.reload_model_params()
+    _copy_weights(actor.unwrapped(), models.ref)
+    _copy_weights(actor.unwrapped(), models.prev)
+    return models
+
+
+# ------------------------------------------------------------------------------ batching
+
+
+def _pack(records: list[Trajectory], seq_length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``[b, seq]`` tensors; position t predicts labels[t] = tokens[t+1].
+
+    A response token at sequence position j is predicted at position j-1: that is where its
+    loss mask, behaviour log-prob, stored value and (for the last one) reward go.
+    """
+    b = len(records)
+    tokens = torch.full((b, seq_length + 1), pad_id, dtype=torch.long)
+    fields = {name: torch.zeros(b, seq_length) for name in ("mask", "behaviour", "old_values", "rewards")}
+    for row, record in enumerate(records):
+        sequence = np.concatenate([record.prompt_tokens, record.response_tokens])[: seq_length + 1]
+        tokens[row, : sequence.size] = torch.from_numpy(sequence.astype(np.int64))
+        start = record.prompt_tokens.size - 1
+        kept = max(min(record.response_length, seq_length - start), 0)
+        if kept == 0:
+            continue
+        span = slice(start, start + kept)
+        fields["mask"][row, span] = 1.0
+        fields["behaviour"][row, span] = torch.from_numpy(record.behaviour_logprobs[:kept])
+        if record.values is not None:
+            fields["old_values"][row, span] = torch.from_numpy(record.values[:kept])
+        fields["rewards"][row, start + kept - 1] = record.reward
+    return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(), **fields}
+
+
+def _micro_batches(packed: dict, size: int, actor: ActorLossInputs | None = None,
+                   critic: CriticTargets | None = None) -> list[MicroBatch]:
+    def cut(record, part):
+        return None if record is None else type(record)(**{k: v[part] for k, v in vars(record).items()})
+
+    rows = packed["tokens"].size(0)
+    return [MicroBatch(tokens=packed["tokens"][i:i + size], labels=packed["labels"][i:i + size],
+                       actor=cut(actor, slice(i, i + size)), critic=cut(critic, slice(i, i + size)))
+            for i in range(0, rows, size)]
+
+
+def _pad_rows(records: list, multiple: int) -> tuple[list, int]:
+    """Repeat the last record until the count is a multiple (the copies are masked out)."""
+    real = len(records)
+    return records + [records[-1]] * (-real % multiple), real
+
+
+def _global_whiten(advantages: torch.Tensor, mask: torch.Tensor, state: ParallelState) -> torch.Tensor:
+    """Whiten over the valid tokens of the whole (all-DP) batch."""
+    stats = torch.stack([(advantages * mask).sum(), (advantages ** 2 * mask).sum(), mask.sum()]).double()
+    dist.all_reduce(stats, group=state.dp_group)
+    mean = stats[0] / stats[2].clamp(min=1)
+    var = (stats[1] / stats[2].clamp(min=1) - mean ** 2) * stats[2] / (stats[2] - 1).clamp(min=1)
+    return ((advantages - mean) / (var.clamp(min=0).sqrt() + 1e-8)).float() * mask
+
+
+def _positions(records: list[Trajectory], seq_length: int) -> list[slice]:
+    """Where each record's response tokens sit in its packed row (see ``_pack``)."""
+    out = []
+    for record in records:
+        start = record.prompt_tokens.size - 1
+        out.append(slice(start, start + max(min(record.response_length, seq_length - start), 0)))
+    return out
+
+
+# ------------------------------------------------------------------------------ rollout
+
+
+@dataclass
+class RolloutResult:
+    records: list[Trajectory]  # this DP rank's fresh trajectories
+    texts: list[str]
+    logprob_gap: float | None
+
+
+def _behaviour_and_values(records: list[Trajectory], models: Models, cfg: ExperimentConfig, state: ParallelState
+                          ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """The actor's recomputed log-probs (and the critic's values) on each response."""
+    if not records:
+        return [], ([] if models.critic is not None else None)
+    padded, _ = _pad_rows(records, cfg.trainer.micro_batch_size)
+    packed = _pack(padded, cfg.trainer.seq_length, pad_id=0)
+    batches = _micro_batches(packed, cfg.trainer.micro_batch_size)
+    logprobs, _ = forward_logprobs(models.actor.chunks, batches, state)
+    values = forward_values(models.critic.chunks, batches, state) if models.critic is not None else None
+    spans = _positions(records, cfg.trainer.seq_length)
+    behaviour = [logprobs[i, span].cpu().numpy() for i, span in enumerate(spans)]
+    return behaviour, None if values is None else [values[i, span].cpu().numpy() for i, span in enumerate(spans)]
+
+
+def _rollout(k: int, prompts, cfg: ExperimentConfig, state: ParallelState, engine, tokenizer, grader, models: Models,
+             check_gap: bool) -> RolloutResult:
+    """Generate this DP rank's share of ``prompts`` with pi_k, score, recompute, build records."""
+    mine = [(index, prompt) for index, prompt in enumerate(prompts) if index % state.data_parallel == state.dp_rank]
+    if not mine:
+        return RolloutResult(records=[], texts=[], logprob_gap=None)
+    longest = max(len(p.token_ids) for _, p in mine)
+    params = SamplingParams(n=cfg.rollout.responses_per_prompt, temperature=cfg.rollout.temperature,
+                            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                            max_new_tokens=max(1, min(cfg.rollout.max_new_tokens, cfg.trainer.seq_length + 1 - longest)),
+                            stop_token_ids=(tokenizer.eos_token_id,),
+                            seed=cfg.trainer.seed * 1_000_003 + k * 1009 + state.dp_rank)
+    generations = engine.generate([p.token_ids.tolist() for _, p in mine], params)
+    flat = [(index, prompt, g) for (index, prompt), gs in zip(mine, generations) for g in gs]
+    texts = [tokenizer.decode(g.token_ids, skip_special_tokens=True) for _, _, g in flat]
+    scores, _ = grader(texts, [prompt.answer for _, prompt, _ in flat])
+    drafts = [Trajectory(iteration=k, prompt_id=prompt.id, group_id=index, prompt_tokens=prompt.token_ids,
+                         response_tokens=g.token_ids, reward=score, behaviour_logprobs=np.zeros(len(g.token_ids)),
+                         finish_reason=g.finish_reason, extra={"grpo_advantage": 0.0})
+              for (index, prompt, g), score in zip(flat, scores)]
+    behaviour, values = _behaviour_and_values(drafts, models, cfg, state)
+    group_advantage = grpo_advantages(torch.tensor([d.reward for d in drafts]), torch.tensor([d.group_id for d in drafts]),
+                                      torch.ones(len(drafts), 1), norm_std=cfg.algorithm.grpo_norm_std,
+                                      eps=cfg.algorithm.grpo_eps)[:, 0].tolist()
+    records = []
+    for draft, lp, value, advantage in zip(drafts, behaviour, values or [None] * len(drafts), group_advantage):
+        kept = lp.size  # responses longer than the sequence budget are cut (counted as 'length')
+        records.append(Trajectory(
+            iteration=k, prompt_id=draft.prompt_id, group_id=draft.group_id, prompt_tokens=draft.prompt_tokens,
+            response_tokens=draft.response_tokens[:kept], reward=draft.reward, behaviour_logprobs=lp,
+            finish_reason=draft.finish_reason if kept == draft.response_length else "length", values=value,
+            extra={"grpo_advantage": float(advantage)}))
+    gap = None
+    if check_gap:
+        engine_lp = [g.logprobs[: r.response_length] for (_, _, g), r in zip(flat, records) if g.logprobs is not None]
+        gap = logprob_gap(engine_lp, [r.behaviour_logprobs for r in records][: len(engine_lp)])
+    return RolloutResult(records=records, texts=texts, logprob_gap=gap)
+
+
+# ------------------------------------------------------------------------------ training batch
+
+
+def _training_batches(batch, cfg: ExperimentConfig, state: ParallelState, models: Models):
+    """pi_k / ref / prev log-probs, values and advantages for this rank's mixed batch."""
+    records, real = _pad_rows(batch.trajectories, cfg.trainer.micro_batch_size)
+    ages = torch.from_numpy(np.concatenate([batch.ages, np.full(len(records) - real, batch.ages[-1])]))
+    packed = _pack(records, cfg.trainer.seq_length, pad_id=0)
+    packed["mask"][real:] = 0.0
+    plain = _micro_batches(packed, cfg.trainer.micro_batch_size)
+    pik, _ = forward_logprobs(models.actor.chunks, plain, state)
+    fresh = (ages == 0).unsqueeze(-1)
+    pik = torch.where(fresh, packed["behaviour"], pik.cpu())  # fresh samples: w = pi_k / b = 1 exactly
+    ref, _ = forward_logprobs(models.ref, plain, state)
+    prev, _ = forward_logprobs(models.prev, plain, state)
+    _copy_weights(models.actor.unwrapped(), models.prev)  # prev now holds pi_k, for iteration k+1
+    values = forward_values(models.critic.chunks, plain, state).cpu() if models.critic is not None else None
+    alg = cfg.algorithm
+    if alg.advantage_estimator == "grpo" and alg.grpo_replay_advantage == "stored":
+        stored = torch.tensor([r.extra["grpo_advantage"] for r in records], dtype=torch.float32)
+        advantages, returns = stored.unsqueeze(-1) * packed["mask"], None
+    else:
+        from dataclasses import replace
+
+        estimate = ADVANTAGE_ESTIMATORS.get(alg.advantage_estimator)(AdvantageInputs(
+            rewards=packed["rewards"], mask=packed["mask"], values=values, pik_logprobs=pik,
+            behaviour_logprobs=packed["behaviour"], scores=packed["rewards"].sum(-1),
+            group_ids=torch.tensor([r.iteration * 1_000_000 + r.group_id for r in records])),
+            replace(alg, whiten_advantages=False))
+        advantages, returns = estimate.advantages, estimate.returns
+        if alg.whiten_advantages and alg.advantage_estimator in CRITIC_ESTIMATORS:
+            advantages = _global_whiten(advantages, packed["mask"], state)
+    actor_inputs = ActorLossInputs(loss_mask=packed["mask"], advantages=advantages.float(),
+                                   behaviour_logprobs=packed["behaviour"], pik_logprobs=pik.float(),
+                                   ref_logprobs=ref.cpu().float(), prev_logprobs=prev.cpu().float(), sample_age=ages)
+    actor_batches = _micro_batches(packed, cfg.trainer.micro_batch_size, actor=actor_inputs)
+    critic_batches = None
+    if models.critic is not None and returns is not None:
+        targets = CriticTargets(loss_mask=packed["mask"], old_values=packed["old_values"], returns=returns.float())
+        critic_batches = _micro_batches(packed, cfg.trainer.micro_batch_size, critic=targets)
+    return actor_batches, critic_batches
+
+
+def _update(model, batches, builder, state) -> dict[str, float]:
+    model.zero_grad()
+    logs = run_pipeline(model.chunks, batches, builder, state, forward_only=False)
+    applied, grad_norm = model.step()
+    metrics = reduce_metrics(logs, state)
+    metrics.update(grad_norm=float(grad_norm or 0.0), step_skipped=float(not applied))
+    return metrics
+
+
+# ------------------------------------------------------------------------------ evaluation and logging
+
+
+def _evaluate(source, engine, tokenizer, grader, cfg: ExperimentConfig, state: ParallelState, models: Models) -> float:
+    """Greedy accuracy of the current actor on the held-out prompts (split over DP ranks)."""
+    engine.wake_up()
+    sync_weights(engine, models.actor.unwrapped(), state, cfg.model, bucket_bytes=cfg.rollout.weight_sync_bucket_mb << 20)
+    prompts = source.prompts[: cfg.data.eval_size or None]
+    mine = prompts[state.dp_rank::state.data_parallel]
+    correct = torch.zeros(2, dtype=torch.float64)
+    if mine:
+        longest = max(len(p.token_ids) for p in mine)
+        params = SamplingParams(temperature=0.0, stop_token_ids=(tokenizer.eos_token_id,),
+                                max_new_tokens=max(1, min(cfg.rollout.max_new_tokens, cfg.trainer.seq_length + 1 - longest)))
+        generations = engine.generate([p.token_ids.tolist() for p in mine], params)
+        texts = [tokenizer.decode(g[0].token_ids, skip_special_tokens=True) for g in generations]
+        scores, _ = grader(texts, [p.answer for p in mine])
+        correct += torch.tensor([sum(scores), len(scores)], dtype=torch.float64)
+    engine.sleep()
+    dist.all_reduce(correct, group=state.dp_group)
+    return (correct[0] / correct[1].clamp(min=1)).item()
+
+
+def _rollout_stats(result: RolloutResult, state: ParallelState) -> dict[str, float]:
+    records = result.records
+    local = torch.tensor([len(records), sum(r.reward for r in records), sum(r.response_length for r in records),
+                          sum(any(w in t.lower() for w in REFLECTION_WORDS) for t in result.texts),
+                          sum(r.finish_reason == "length" for r in records)], dtype=torch.float64)
+    dist.all_reduce(local, group=state.dp_group)
+    count = local[0].clamp(min=1)
+    return {"rollouts": int(local[0].item()), "reward_mean": (local[1] / count).item(),
+            "response_length": (local[2] / count).item(), "self_reflection_rate": (local[3] / count).item(),
+            "truncated_rate": (local[4] / count).item()}
+
+
+class MetricsLog:
+    """JSONL metrics in the run directory (rank 0), and a one-line progress report."""
+
+    def __init__(self, run_dir: Path, state: ParallelState) -> None:
+        self.path, self.active = run_dir / "metrics.jsonl", state.rank == 0
+        if self.active:
+            run_dir.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        if self.active:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+def _sources(cfg: ExperimentConfig, tokenizer):
+    if not cfg.data.train_path:
+        raise ConfigError("data.train_path is required for training (a .jsonl / .parquet / HF datasets path)")
+    common = dict(template=cfg.data.template, max_prompt_tokens=cfg.rollout.max_prompt_tokens,
+                  overlong=cfg.data.overlong, problem_key=cfg.data.problem_key, answer_key=cfg.data.answer_key,
+                  id_key=cfg.data.id_key)
+    train = PromptSource(load_records(cfg.data.train_path), tokenizer, seed=cfg.trainer.seed, name="train", **common)
+    held_out = None
+    if cfg.data.eval_path:
+        held_out = PromptSource(load_records(cfg.data.eval_path), tokenizer, seed=cfg.trainer.seed, name="eval", **common)
+    return train, held_out
+
+
+def train(cfg: ExperimentConfig) -> list[dict]:
+    """Run ReMix (or PPO / GRPO, by config) up to ``trainer.num_steps`` iterations; returns the metrics."""
+    from transformers import AutoTokenizer
+
+    check_algorithm_names(cfg.algorithm.policy_loss, cfg.algorithm.advantage_estimator)
+    if not cfg.model.hf_path:
+        raise ConfigError("model.hf_path is required for training: the HF checkpoint to start from (weights and "
+                          "tokenizer)")
+    grader = REWARDS.get(cfg.data.reward)()
+    state = init_parallel(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+    train_source, held_out = _sources(cfg, tokenizer)
+    models = _build_models(cfg, state)
+    run_dir, checkpoints = Path(cfg.trainer.run_dir), cfg.trainer.checkpoint_root
+    store = open_store(cfg.store.path or run_dir / "store", create=True, extra_columns=["grpo_advantage"],
+                       cleanup=state.rank == 0, row_group_size=cfg.store.row_group_size) if state.rank == 0 else None
+    dist.barrier()
+    store = store or open_store(cfg.store.path or run_dir / "store", row_group_size=cfg.store.row_group_size)
+    sampler = MixedSampler.from_config(cfg, groups_per_step=cfg.rollout.prompts_per_step)
+    counters = {"rollouts": 0}
+    first = 1
+    if cfg.trainer.resume and latest_iteration(checkpoints) is not None:
+        payload = load_checkpoint(checkpoints, models.named(), state)
+        first = payload["iteration"] + 1
+        saved = payload["trainer_state"]
+        train_source.load_state_dict(saved["prompts"])
+        counters["rollouts"] = saved["rollouts"]
+        if state.rank == 0:
+            store.truncate_after(payload["iteration"])  # the store matches the checkpoint again
+    dist.barrier()
+    engine = get_engine_factory(cfg.rollout.engine)(cfg.rollout, cfg.model, state, cfg.model.hf_path,
+                                                     seed=cfg.trainer.seed)
+    log, history = MetricsLog(run_dir, state), []
+    if held_out is not None and first == 1 and cfg.data.eval_interval:
+        accuracy = _evaluate(held_out, engine, tokenizer, grader, cfg, state, models)
+        history.append({"iteration": 0, "rollouts_total": 0, "eval_accuracy": accuracy})
+        log.write(history[-1])
+        if state.rank == 0:
+            print(f"iteration 0: held-out accuracy {accuracy:.3f}", flush=True)
+    for k in range(first, cfg.trainer.num_steps + 1):
+        record = _iteration(k, cfg, state, models, engine, tokenizer, grader, train_source, store, sampler, counters)
+        if held_out is not None and cfg.data.eval_interval and (k % cfg.data.eval_interval == 0
+                                                                 or k == cfg.trainer.num_steps):
+            record["eval_accuracy"] = _evaluate(held_out, engine, tokenizer, grader, cfg, state, models)
+        interval = cfg.trainer.save_interval
+        if interval >= 0 and (k == cfg.trainer.num_steps or (interval and k % interval == 0)):
+            save_checkpoint(checkpoints, k, models.named(), state,
+                            {"prompts": train_source.state_dict(), "rollouts": counters["rollouts"],
+                             "reincarnated": record["reincarnated"]}, config=cfg,
+                            keep_last=cfg.trainer.keep_checkpoints)
+        history.append(record)
+        log.write(record)
+        if state.rank == 0:
+            accuracy = f" | held-out {record['eval_accuracy']:.3f}" if "eval_accuracy" in record else ""
+            print(f"iteration {k}: reward {record['reward_mean']:.3f} length {record['response_length']:.1f} "
+                  f"ratio {record['actor/ratio_mean']:.3f} clip {record['actor/clip_frac']:.3f} "
+                  f"rollouts {record['rollouts_total']} ({record['time/iteration_s']:.1f} s){accuracy}", flush=True)
+    engine.shutdown()
+    return history
+
+
+def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Models, engine, tokenizer, grader,
+               train_source, store, sampler: MixedSampler, counters: dict) -> dict:
+    """One ReMix iteration; returns its metrics."""
+    timer, times = time.perf_counter(), {}
+
+    def lap(name: str) -> None:
+        nonlocal timer
+        now = time.perf_counter()
+        times[f"time/{name}_s"] = now - timer
+        timer = now
+
+    current = phase(k, cfg.algorithm)
+    if current.reset_reference:  # policy reincarnation: the reference becomes pi_T
+        _copy_weights(models.actor.unwrapped(), models.ref)
+    engine.wake_up()
+    sync_weights(engine, models.actor.unwrapped(), state, cfg.model, bucket_bytes=cfg.rollout.weight_sync_bucket_mb << 20)
+    lap("sync")
+    fresh = sampler.fresh_to_generate(store, k, current.off_policy_portion)
+    interval = cfg.rollout.logprob_check_interval
+    result = _rollout(k, train_source.next_batch(fresh), cfg, state, engine, tokenizer, grader, models,
+                      check_gap=bool(interval) and k % interval == 0)
+    engine.sleep()
+    lap("generate")
+    if result.logprob_gap is not None:
+        check_logprob_gap(result.logprob_gap, cfg.rollout.logprob_check_threshold)
+    if state.tp_rank == 0 and state.pp_rank == 0:
+        store.write_shard(k, state.dp_rank, result.records)
+    dist.barrier()
+    if state.rank == 0:
+        store.publish(k, num_writers=state.data_parallel)
+        if cfg.store.keep_iterations:
+            store.prune(cfg.store.keep_iterations)
+    dist.barrier()
+    lap("store")
+    batch = sampler.sample(store, k, current.off_policy_portion, dp_rank=state.dp_rank, dp_size=state.data_parallel)
+    weight = kl_lambda(k, cfg.algorithm)
+    actor_batches, critic_batches = _training_batches(batch, cfg, state, models)
+    lap("logprobs")
+    builder = actor_loss_builder(cfg.algorithm, state, kl_lambda=weight)
+    for _ in range(current.utd):
+        actor_metrics = _update(models.actor, actor_batches, builder, state)
+        critic_metrics = _update(models.critic, critic_batches, critic_loss_builder(cfg.algorithm), state) \
+            if critic_batches is not None else {}
+    lap("update")
+    stats = _rollout_stats(result, state)
+    counters["rollouts"] += stats["rollouts"]
+    record = {"iteration": k, "rollouts_total": counters["rollouts"], "reincarnated": current.reincarnated,
+              "off_policy_portion": current.off_policy_portion, "utd": current.utd, "kl_lambda": weight,
+              "replayed_groups": batch.plan.num_replayed, "fresh_groups": batch.plan.num_fresh, **stats,
+              **{f"actor/{key}": value for key, value in actor_metrics.items()},
+              **{f"critic/{key}": value for key, value in critic_metrics.items()}, **times}
+    if result.logprob_gap is not None:
+        record["engine_logprob_gap"] = result.logprob_gap
+    record["time/iteration_s"] = sum(times.values())
+    return record
