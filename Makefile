@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 NPROC ?= 4
 
-.PHONY: install demo test test-unit test-distributed reference-config clean
+.PHONY: install demo smoke test test-unit test-distributed reference-config clean
 
 $(INSTALLED): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,14 @@ $(INSTALLED): setup.py
 
 install: $(INSTALLED)
 
+# The main job: ReMix-PPO on the tiny arithmetic model (built once and cached), one CPU process.
 demo: $(INSTALLED)
+	tiny=$$($(PY) -m remix_megatron.cli tiny --path-only) && \
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=1 -m remix_megatron.cli train configs/tiny_remix_ppo.yaml \
+	    model.hf_path=$$tiny data.train_path=$$tiny/train.jsonl data.eval_path=$$tiny/heldout.jsonl
+
+# The parallel smoke test: actor + critic ReMix updates on a synthetic batch at TP2 x PP2.
+smoke: $(INSTALLED)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m remix_megatron.cli demo configs/tiny_cpu.yaml
 
 test: $(INSTALLED)

@@ -149,8 +149,11 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
 
     from remix_megatron.data.tiny import build_tiny_model
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress goes to stderr
     path = build_tiny_model(args.out, force=args.force)
+    if args.path_only:
+        print(path)
+        return 0
     build = json.loads((path / "BUILD.json").read_text())
     print(f"tiny model: {path} ({build['parameters']} parameters, held-out accuracy "
           f"{build['heldout_accuracy']:.3f} after {build['sft_steps']} SFT steps, built in {build['build_s']} s)")
@@ -195,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny", help="build (or find in the cache) the tiny arithmetic model for CPU runs")
     tiny.add_argument("--out", default=None, help="directory (default: the cache)")
     tiny.add_argument("--force", action="store_true", help="rebuild even if cached")
+    tiny.add_argument("--path-only", action="store_true", help="print only the model directory (for scripts)")
     tiny.set_defaults(func=_cmd_tiny)
     presets = sub.add_parser("presets", help="list model presets")
     presets.set_defaults(func=_cmd_presets)
