@@ -34,7 +34,7 @@ from remix_megatron.algorithms.megatron_adapter import (
 )
 from remix_megatron.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
 from remix_megatron.config import ConfigError, ExperimentConfig
-from remix_megatron.convert.export import load_hf_into
+from remix_megatron.convert.export import export_hf, load_hf_into
 from remix_megatron.data import PromptSource, load_records
 from remix_megatron.models import build_actor, build_critic, make_trainable
 from remix_megatron.parallel import ParallelState, init_parallel
@@ -388,6 +388,9 @@ def train(cfg: ExperimentConfig) -> list[dict]:
                   f"ratio {record['actor/ratio_mean']:.3f} clip {record['actor/clip_frac']:.3f} "
                   f"rollouts {record['rollouts_total']} ({record['time/iteration_s']:.1f} s){accuracy}", flush=True)
     engine.shutdown()
+    export_hf(models.actor.unwrapped(), state, cfg.model, run_dir / "hf_actor", source_hf_dir=cfg.model.hf_path)
+    if state.rank == 0:
+        print(f"final actor exported to {run_dir / 'hf_actor'}", flush=True)
     return history
 
 

@@ -49,7 +49,7 @@ class TinySettings:
     lr: float = 3e-3
     eval_every: int = 20  # accuracy climbs from 0 to ~0.4 within ~60 steps: evaluate often
     eval_size: int = 128
-    version: int = 1
+    version: int = 2
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -194,7 +194,7 @@ def build_tiny_model(out_dir: str | os.PathLike | None = None, settings: TinySet
              "parameters": sum(p.numel() for p in model.parameters()), "build_s": round(time.monotonic() - start, 1),
              "task": "a+b= (2 digits) -> <think>reversed sum</think> \\boxed{sum}"}
     (staging / "BUILD.json").write_text(json.dumps(build, indent=1))
-    for split, count in (("train", 4096), ("heldout", settings.eval_size)):
+    for split, count in (("train", 4096), ("heldout", 512)):  # SFT evaluated on the first eval_size
         rows = split_problems(settings, split, count)
         (staging / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     shutil.rmtree(out, ignore_errors=True)
