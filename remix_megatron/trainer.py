@@ -256,12 +256,27 @@ def _training_batches(batch, cfg: ExperimentConfig, state: ParallelState, models
     return actor_batches, critic_batches
 
 
-def _update(model, batches, builder, state) -> dict[str, float]:
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had NaN/inf gradients."""
+
+
+def _update(model, batches, builder, state, counters: dict, limit: int, name: str) -> dict[str, float]:
+    """One optimizer step; a step with non-finite gradients is skipped, and ``limit`` in a row stop the run."""
     model.zero_grad()
     logs = run_pipeline(model.chunks, batches, builder, state, forward_only=False)
     applied, grad_norm = model.step()
     metrics = reduce_metrics(logs, state)
-    metrics.update(grad_norm=float(grad_norm or 0.0), step_skipped=float(not applied))
+    metrics.update(grad_norm=float(grad_norm if grad_norm is not None else 0.0), step_skipped=float(not applied))
+    key = f"skipped_in_a_row/{name}"
+    counters[key] = 0 if applied else counters.get(key, 0) + 1
+    if counters[key]:
+        counters["skipped_total"] = counters.get("skipped_total", 0) + 1
+        if state.rank == 0:
+            print(f"warning: {name} step skipped: non-finite gradients ({counters[key]} in a row)", flush=True)
+    if counters[key] >= limit:
+        raise NonFiniteLossError(f"{limit} {name} optimizer steps in a row had NaN/inf gradients "
+                                 f"(trainer.max_skipped_steps={limit}); stopping. The last checkpoint is intact: "
+                                 "lower the learning rate or check the data, then resume.")
     return metrics
 
 
@@ -433,10 +448,11 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
     actor_batches, critic_batches = _training_batches(batch, cfg, state, models)
     lap("logprobs")
     builder = actor_loss_builder(cfg.algorithm, state, kl_lambda=weight)
+    limit = cfg.trainer.max_skipped_steps
     for _ in range(current.utd):
-        actor_metrics = _update(models.actor, actor_batches, builder, state)
-        critic_metrics = _update(models.critic, critic_batches, critic_loss_builder(cfg.algorithm), state) \
-            if critic_batches is not None else {}
+        actor_metrics = _update(models.actor, actor_batches, builder, state, counters, limit, "actor")
+        critic_metrics = _update(models.critic, critic_batches, critic_loss_builder(cfg.algorithm), state, counters,
+                                 limit, "critic") if critic_batches is not None else {}
     lap("update")
     stats = _rollout_stats(result, state)
     counters["rollouts"] += stats["rollouts"]

@@ -159,6 +159,7 @@ class TrainerConfig:
                              "0 = after the last only; -1 = never", 0)
     keep_checkpoints: int = doc("complete checkpoints to keep (older ones are deleted)", 2)
     resume: bool = doc("continue from the newest complete checkpoint in checkpoint_dir when there is one", True)
+    max_skipped_steps: int = doc("stop after this many optimizer steps in a row skipped for NaN/inf gradients", 3)
 
     def __post_init__(self) -> None:
         _require_positive(self, "micro_batch_size", "global_batch_size", "seq_length", "num_steps")
@@ -168,6 +169,7 @@ class TrainerConfig:
         _require(bool(self.run_dir), "trainer.run_dir must not be empty")
         _require(self.save_interval >= -1, f"trainer.save_interval={self.save_interval} must be >= -1 (-1 = never)")
         _require(self.keep_checkpoints >= 1, f"trainer.keep_checkpoints={self.keep_checkpoints} must be >= 1")
+        _require(self.max_skipped_steps >= 1, f"trainer.max_skipped_steps={self.max_skipped_steps} must be >= 1")
 
     @property
     def checkpoint_root(self) -> str:

@@ -22,8 +22,31 @@ class TrainableModel:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
 
+    def grads_finite(self) -> bool:
+        """Whether every gradient on every rank is finite (a collective over the whole world)."""
+        import torch.distributed as dist
+
+        finite = torch.ones((), dtype=torch.float32)
+        for chunk in self.chunks:
+            for param in chunk.module.parameters():
+                grad = getattr(param, "main_grad", None)
+                grad = param.grad if grad is None else grad
+                if grad is not None and not torch.isfinite(grad).all():
+                    finite.zero_()
+                    break
+        if dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
     def step(self) -> tuple[bool, float | None]:
-        """One optimizer step; returns (applied, grad norm before clipping)."""
+        """One optimizer step; returns (applied, grad norm before clipping).
+
+        A step whose gradients hold NaN/inf anywhere is skipped on every rank (weights and
+        optimizer moments untouched) and reported as ``(False, nan)``.
+        """
+        if not self.grads_finite():
+            self.zero_grad()
+            return False, float("nan")
         applied, grad_norm, _ = self.optimizer.step()
         return applied, grad_norm
 

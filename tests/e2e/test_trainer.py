@@ -50,3 +50,16 @@ def test_loop_accounting_schedule_and_exact_resume(tiny_dir, tmp_path):
         assert [r.get(key) for r in a[3:]] == [r.get(key) for r in b[3:]], key  # bitwise: same floats
     assert (straight / "checkpoints" / "latest").read_text() == "iter_0000004"
     assert (straight / "store" / "manifests" / "iter_00000004.json").is_file()
+
+
+def test_tp2_pp2_config_matches_one_process(tiny_dir, tmp_path):
+    """The same iterations at TP2 x PP2 on 4 processes: identical rollouts, same losses (1e-5)."""
+    single, parallel = tmp_path / "single", tmp_path / "parallel"
+    common = lambda run: [*overrides(tiny_dir, run, 1), "data.eval_interval=0", "trainer.save_interval=-1"]  # noqa
+    run_cli(["train", "configs/tiny_remix_ppo.yaml", *common(single)])
+    run_cli(["train", "configs/tiny_remix_ppo_tp2pp2.yaml", *common(parallel)], nproc=4)
+    a, b = metrics(single)[-1], metrics(parallel)[-1]
+    for key in ("reward_mean", "rollouts_total", "response_length"):
+        assert a[key] == b[key], key
+    for key in ("actor/pg_loss", "actor/ratio_mean", "actor/kl_ref", "critic/value_loss", "actor/entropy"):
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key

@@ -1,0 +1,54 @@
+"""Non-finite gradients: the step is skipped everywhere, and K in a row stop the run clearly."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from remix_megatron import trainer
+from remix_megatron.models.optimizer import TrainableModel
+
+pytestmark = pytest.mark.unit
+
+
+class FakeOptimizer:
+    def __init__(self):
+        self.steps = 0
+
+    def step(self):
+        self.steps += 1
+        return True, 1.0, None
+
+    def zero_grad(self):
+        pass
+
+
+def model_with_grad(value: float) -> TrainableModel:
+    module = torch.nn.Linear(2, 1)
+    module.weight.grad = torch.full_like(module.weight, value)
+    chunk = types.SimpleNamespace(module=module, zero_grad_buffer=lambda: None)
+    return TrainableModel(chunks=[chunk], optimizer=FakeOptimizer())
+
+
+def test_step_skips_non_finite_gradients():
+    good, bad = model_with_grad(0.5), model_with_grad(float("nan"))
+    assert good.grads_finite() and good.step() == (True, 1.0) and good.optimizer.steps == 1
+    applied, norm = bad.step()
+    assert not applied and norm != norm and bad.optimizer.steps == 0  # nan, optimizer untouched
+
+
+def test_consecutive_skips_stop_with_a_clear_error(monkeypatch):
+    monkeypatch.setattr(trainer, "run_pipeline", lambda *a, **k: [])
+    monkeypatch.setattr(trainer, "reduce_metrics", lambda logs, state: {})
+    state = types.SimpleNamespace(rank=1)
+    counters: dict = {}
+    good, bad = model_with_grad(1.0), model_with_grad(float("inf"))
+    trainer._update(bad, [], None, state, counters, 3, "actor")
+    trainer._update(good, [], None, state, counters, 3, "actor")  # a good step resets the count
+    trainer._update(bad, [], None, state, counters, 3, "actor")
+    trainer._update(bad, [], None, state, counters, 3, "actor")
+    with pytest.raises(trainer.NonFiniteLossError, match="3 actor optimizer steps in a row had NaN/inf gradients"):
+        trainer._update(bad, [], None, state, counters, 3, "actor")
+    assert counters["skipped_total"] == 4
