@@ -20,6 +20,7 @@ setup(
         "huggingface-hub>=0.34,<1.0",  # what transformers 4.x accepts (newer datasets pull 2.x)
         "datasets>=3,<5",  # prompt sources from HF datasets (local directories or hub names)
         "math-verify[antlr4_13_2]>=0.8,<1",  # answer equivalence (sympy) for math rewards
+        "matplotlib>=3.7",  # the run directory's PNG plots
         "safetensors>=0.4",
         "pyarrow>=15",
         "wandb>=0.17",

@@ -33,9 +33,10 @@ from remix_megatron.algorithms.megatron_adapter import (
     reduce_metrics, run_pipeline,
 )
 from remix_megatron.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
-from remix_megatron.config import ConfigError, ExperimentConfig
+from remix_megatron.config import ConfigError, ExperimentConfig, config_to_dict
 from remix_megatron.convert.export import export_hf, load_hf_into
 from remix_megatron.data import PromptSource, load_records
+from remix_megatron.metrics_log import RunLog
 from remix_megatron.models import build_actor, build_critic, make_trainable
 from remix_megatron.parallel import ParallelState, init_parallel
 from remix_megatron.rewards import REWARDS
@@ -315,20 +316,6 @@ def _rollout_stats(result: RolloutResult, state: ParallelState) -> dict[str, flo
             "truncated_rate": (local[4] / count).item()}
 
 
-class MetricsLog:
-    """JSONL metrics in the run directory (rank 0), and a one-line progress report."""
-
-    def __init__(self, run_dir: Path, state: ParallelState) -> None:
-        self.path, self.active = run_dir / "metrics.jsonl", state.rank == 0
-        if self.active:
-            run_dir.mkdir(parents=True, exist_ok=True)
-
-    def write(self, record: dict) -> None:
-        if self.active:
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-
-
 # ------------------------------------------------------------------------------ the loop
 
 
@@ -377,13 +364,15 @@ def train(cfg: ExperimentConfig) -> list[dict]:
     dist.barrier()
     engine = get_engine_factory(cfg.rollout.engine)(cfg.rollout, cfg.model, state, cfg.model.hf_path,
                                                      seed=cfg.trainer.seed)
-    log, history = MetricsLog(run_dir, state), []
+    log = RunLog(run_dir, active=state.rank == 0, wandb_project=cfg.trainer.wandb_project,
+                 config=config_to_dict(cfg))
+    history: list[dict] = []
     if held_out is not None and first == 1 and cfg.data.eval_interval:
         accuracy = _evaluate(held_out, engine, tokenizer, grader, cfg, state, models)
         history.append({"iteration": 0, "rollouts_total": 0, "eval_accuracy": accuracy})
         log.write(history[-1])
         if state.rank == 0:
-            print(f"iteration 0: held-out accuracy {accuracy:.3f}", flush=True)
+            print(f"[0/{cfg.trainer.num_steps}] held-out accuracy {accuracy:.3f}", flush=True)
     for k in range(first, cfg.trainer.num_steps + 1):
         record = _iteration(k, cfg, state, models, engine, tokenizer, grader, train_source, store, sampler, counters)
         if held_out is not None and cfg.data.eval_interval and (k % cfg.data.eval_interval == 0
@@ -399,10 +388,16 @@ def train(cfg: ExperimentConfig) -> list[dict]:
         log.write(record)
         if state.rank == 0:
             accuracy = f" | held-out {record['eval_accuracy']:.3f}" if "eval_accuracy" in record else ""
-            print(f"iteration {k}: reward {record['reward_mean']:.3f} length {record['response_length']:.1f} "
-                  f"ratio {record['actor/ratio_mean']:.3f} clip {record['actor/clip_frac']:.3f} "
-                  f"rollouts {record['rollouts_total']} ({record['time/iteration_s']:.1f} s){accuracy}", flush=True)
+            seconds = record["time/iteration_s"]
+            remaining = (cfg.trainer.num_steps - k) * seconds
+            print(f"[{k}/{cfg.trainer.num_steps}] reward {record['reward_mean']:.3f} length "
+                  f"{record['response_length']:.1f} ratio {record['actor/ratio_mean']:.3f} clip "
+                  f"{record['actor/clip_frac']:.3f} rollouts {record['rollouts_total']} | {seconds:.1f} s/it, "
+                  f"{record['rollouts'] / max(seconds, 1e-9):.0f} rollouts/s, ~{remaining / 60:.1f} min left"
+                  f"{accuracy}", flush=True)
     engine.shutdown()
+    for path in log.close(history):
+        print(f"plot: {path}", flush=True)
     export_hf(models.actor.unwrapped(), state, cfg.model, run_dir / "hf_actor", source_hf_dir=cfg.model.hf_path)
     if state.rank == 0:
         print(f"final actor exported to {run_dir / 'hf_actor'}", flush=True)

@@ -159,6 +159,8 @@ class TrainerConfig:
                              "0 = after the last only; -1 = never", 0)
     keep_checkpoints: int = doc("complete checkpoints to keep (older ones are deleted)", 2)
     resume: bool = doc("continue from the newest complete checkpoint in checkpoint_dir when there is one", True)
+    wandb_project: str = doc("log to this wandb project (offline without WANDB_API_KEY); '' = JSONL and plots only",
+                             "")
     max_skipped_steps: int = doc("stop after this many optimizer steps in a row skipped for NaN/inf gradients", 3)
 
     def __post_init__(self) -> None:

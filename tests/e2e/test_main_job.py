@@ -26,4 +26,4 @@ def test_main_job_improves_accuracy(tmp_path):
     assert records[-1]["iteration"] == 120 and records[-1]["reincarnated"]
     assert (run / "config.yaml").is_file() and (run / "checkpoints" / "latest").read_text() == "iter_0000120"
     assert (run / "hf_actor" / "config.json").is_file() and (run / "hf_actor" / "tokenizer.json").is_file()
-    assert "held-out accuracy" in out
+    assert "held-out accuracy" in out and (run / "accuracy.png").is_file()

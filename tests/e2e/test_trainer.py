@@ -37,7 +37,7 @@ def test_loop_accounting_schedule_and_exact_resume(tiny_dir, tmp_path):
     run_cli(["train", "configs/tiny_remix_ppo.yaml", *overrides(tiny_dir, straight, 4)])
     run_cli(["train", "configs/tiny_remix_ppo.yaml", *overrides(tiny_dir, resumed, 2)])
     out = run_cli(["train", "configs/tiny_remix_ppo.yaml", *overrides(tiny_dir, resumed, 4)]).stdout
-    assert "iteration 3:" in out and "iteration 1:" not in out
+    assert "[3/4]" in out and "[1/4]" not in out
     a, b = metrics(straight), metrics(resumed)
     assert [r["iteration"] for r in a] == [0, 1, 2, 3, 4] and [r["iteration"] for r in b] == [0, 1, 2, 3, 4]
     cfg = load_config("configs/tiny_remix_ppo.yaml", overrides(tiny_dir, straight, 4))
@@ -63,3 +63,13 @@ def test_tp2_pp2_config_matches_one_process(tiny_dir, tmp_path):
         assert a[key] == b[key], key
     for key in ("actor/pg_loss", "actor/ratio_mean", "actor/kl_ref", "critic/value_loss", "actor/entropy"):
         assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+
+
+def test_wandb_offline_and_plots(tiny_dir, tmp_path):
+    run = tmp_path / "run"
+    out = run_cli(["train", "configs/tiny_remix_ppo.yaml", *overrides(tiny_dir, run, 2), "trainer.wandb_project=tiny",
+                   "trainer.save_interval=-1"]).stdout
+    assert "wandb (offline) run directory:" in out
+    assert list((run / "wandb").glob("offline-run-*"))
+    for name in ("accuracy.png", "reward.png", "importance_ratio.png", "response_length.png", "self_reflection.png"):
+        assert (run / name).stat().st_size > 1000, name

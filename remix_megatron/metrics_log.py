@@ -1,0 +1,77 @@
+"""Run logging: JSONL metrics and PNG plots in the run directory, and wandb (offline unless a key).
+
+Only rank 0 writes. wandb is imported only when ``trainer.wandb_project`` is set; without
+``WANDB_API_KEY`` it runs in offline mode and says where the run directory is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+PLOTS = (  # (file, y key, title): each against rollouts generated, the paper's cost axis
+    ("accuracy.png", "eval_accuracy", "held-out accuracy"),
+    ("response_length.png", "response_length", "mean response length (tokens)"),
+    ("importance_ratio.png", "actor/ratio_mean", "mean importance ratio pi/b"),
+    ("self_reflection.png", "self_reflection_rate", "self-reflection rate"),
+    ("reward.png", "reward_mean", "mean reward (fresh rollouts)"),
+)
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, *, active: bool, wandb_project: str = "", config: dict | None = None) -> None:
+        self.run_dir, self.active = Path(run_dir), active
+        self.path = self.run_dir / "metrics.jsonl"
+        self._wandb = None
+        if not active:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if wandb_project:
+            import wandb
+
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+            self._wandb = wandb.init(project=wandb_project, dir=str(self.run_dir), mode=mode, config=config or {})
+            print(f"wandb ({mode}) run directory: {self._wandb.dir}", flush=True)
+
+    def write(self, record: dict) -> None:
+        if not self.active:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
+                            step=int(record["iteration"]))
+
+    def close(self, history: Sequence[dict]) -> list[Path]:
+        """Write the plots; finish wandb. Returns the PNG paths."""
+        if not self.active:
+            return []
+        paths = write_plots(history, self.run_dir)
+        if self._wandb is not None:
+            self._wandb.finish()
+        return paths
+
+
+def write_plots(history: Sequence[dict], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for file, key, title in PLOTS:
+        points = [(r.get("rollouts_total", 0), r[key]) for r in history if key in r]
+        if not points:
+            continue
+        figure, axis = plt.subplots(figsize=(5, 3.2))
+        axis.plot(*zip(*points), marker="o" if len(points) < 30 else None)
+        axis.set_xlabel("rollouts generated")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(out_dir / file, dpi=100)
+        plt.close(figure)
+        paths.append(out_dir / file)
+    return paths
