@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from remix_megatron.algorithms import ADVANTAGE_ESTIMATORS, ActorLossInputs, AdvantageInputs, check_algorithm_names
-from remix_megatron.algorithms import kl_lambda, phase
+from remix_megatron.algorithms import fresh_prompts, kl_lambda, phase
 from remix_megatron.algorithms.advantages import grpo_advantages
 from remix_megatron.algorithms.megatron_adapter import (
     CriticTargets, MicroBatch, actor_loss_builder, critic_loss_builder, forward_logprobs, forward_values,
@@ -351,6 +351,11 @@ def train(cfg: ExperimentConfig) -> list[dict]:
     dist.barrier()
     store = store or open_store(cfg.store.path or run_dir / "store", row_group_size=cfg.store.row_group_size)
     sampler = MixedSampler.from_config(cfg, groups_per_step=cfg.rollout.prompts_per_step)
+    smallest = fresh_prompts(cfg.rollout.prompts_per_step, cfg.algorithm.off_policy_portion,
+                             cfg.algorithm.fresh_multiple_of)
+    if smallest < state.data_parallel:
+        raise ConfigError(f"{smallest} fresh prompts per step cannot give each of the {state.data_parallel} data-parallel "
+                          "ranks one: raise rollout.prompts_per_step or lower algorithm.off_policy_portion")
     counters = {"rollouts": 0}
     first = 1
     if cfg.trainer.resume and latest_iteration(checkpoints) is not None:

@@ -40,8 +40,8 @@ def test_accuracy_band_through_engine_and_grader(tiny_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
-    source = PromptSource(load_records(str(tiny_dir / "heldout.jsonl")), tokenizer, template=TEMPLATE,
-                          max_prompt_tokens=32)
+    evaluated = load_records(str(tiny_dir / "heldout.jsonl"))[: build["settings"]["eval_size"]]  # what SFT measured
+    source = PromptSource(evaluated, tokenizer, template=TEMPLATE, max_prompt_tokens=32)
     engine = HFEngine(str(tiny_dir))
     generations = engine.generate([p.token_ids.tolist() for p in source.prompts],
                                   SamplingParams(temperature=0.0, max_new_tokens=40,

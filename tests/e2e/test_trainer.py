@@ -49,20 +49,35 @@ def test_loop_accounting_schedule_and_exact_resume(tiny_dir, tmp_path):
                 "rollouts_total", "response_length"):
         assert [r.get(key) for r in a[3:]] == [r.get(key) for r in b[3:]], key  # bitwise: same floats
     assert (straight / "checkpoints" / "latest").read_text() == "iter_0000004"
-    assert (straight / "store" / "manifests" / "iter_00000004.json").is_file()
+    from remix_megatron.store import open_store
+
+    store = open_store(straight / "store")  # one published iteration per step, as many rows as fresh prompts
+    assert store.iterations() == [1, 2, 3, 4]
+    assert [store.info(i).rows for i in (1, 2, 3, 4)] == [16, 16, 32, 32]
+    assert all(r.iteration == 2 for r in store.read_iteration(2))
+    # the reference becomes pi_T before step T+1: its first (and, at UTD 1, only) pass sees KL 0
+    assert a[3]["actor/kl_ref"] == 0.0 and a[2]["actor/kl_ref"] > 0.0
+    for record in a[1:]:
+        numbers = [v for v in record.values() if isinstance(v, float)]
+        assert numbers and all(v == v and abs(v) != float("inf") for v in numbers), record
 
 
 def test_tp2_pp2_config_matches_one_process(tiny_dir, tmp_path):
-    """The same iterations at TP2 x PP2 on 4 processes: identical rollouts, same losses (1e-5)."""
+    """Iterations 1-3 (Mix phase, replay, reincarnation) at TP2 x PP2 on 4 processes: the first
+    iteration's rollouts are identical and its losses equal (1e-5); the schedule is the same."""
     single, parallel = tmp_path / "single", tmp_path / "parallel"
-    common = lambda run: [*overrides(tiny_dir, run, 1), "data.eval_interval=0", "trainer.save_interval=-1"]  # noqa
+    common = lambda run: [*overrides(tiny_dir, run, 3), "data.eval_interval=0", "trainer.save_interval=-1"]  # noqa
     run_cli(["train", "configs/tiny_remix_ppo.yaml", *common(single)])
     run_cli(["train", "configs/tiny_remix_ppo_tp2pp2.yaml", *common(parallel)], nproc=4)
-    a, b = metrics(single)[-1], metrics(parallel)[-1]
+    by_iteration = lambda run: {r["iteration"]: r for r in metrics(run)}  # noqa: E731 (no eval: no iteration 0)
+    a, b = by_iteration(single)[1], by_iteration(parallel)[1]
     for key in ("reward_mean", "rollouts_total", "response_length"):
         assert a[key] == b[key], key
     for key in ("actor/pg_loss", "actor/ratio_mean", "actor/kl_ref", "critic/value_loss", "actor/entropy"):
         assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    later = [by_iteration(parallel)[k] for k in (2, 3)]
+    assert [(r["replayed_groups"], r["reincarnated"], r["rollouts_total"]) for r in later] == [(16, False, 32), (0, True, 64)]
+    assert later[1]["actor/kl_ref"] == 0.0
 
 
 def test_wandb_offline_and_plots(tiny_dir, tmp_path):
