@@ -21,7 +21,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence, Union
 
@@ -30,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from remix_megatron.config import ExperimentConfig, to_yaml
+from remix_megatron.fileio import atomic_write_text
 from remix_megatron.models.optimizer import TrainableModel
 from remix_megatron.parallel import ParallelState
 
@@ -44,14 +44,6 @@ class CheckpointError(RuntimeError):
 
 def _dirname(iteration: int) -> str:
     return f"iter_{iteration:07d}"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False) as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
 
 
 def latest_iteration(root: str | os.PathLike) -> int | None:
@@ -141,10 +133,10 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, models: Mapping[str
     if state.rank == 0:
         payload = {"version": CHECKPOINT_VERSION, "iteration": iteration, "layout": _layout(state),
                    "models": sorted(models), "trainer_state": dict(trainer_state)}
-        _atomic_write_text(staging / "trainer_state.json", json.dumps(payload, indent=1))
-        _atomic_write_text(staging / "config.yaml", to_yaml(config, header={"saved_at_iteration": iteration}))
+        atomic_write_text(staging / "trainer_state.json", json.dumps(payload, indent=1))
+        atomic_write_text(staging / "config.yaml", to_yaml(config, header={"saved_at_iteration": iteration}))
         _publish(staging, final)
-        _atomic_write_text(root / "latest", final.name)
+        atomic_write_text(root / "latest", final.name)
         for old in sorted(p for p in root.iterdir() if _DIR.match(p.name))[:-keep_last] if keep_last > 0 else []:
             if old != final:
                 shutil.rmtree(old)

@@ -31,7 +31,7 @@ from remix_megatron.algorithms import ADVANTAGE_ESTIMATORS, ActorLossInputs, Adv
 from remix_megatron.algorithms import check_algorithm_names
 from remix_megatron.algorithms.megatron_adapter import (
     CriticTargets, MicroBatch, actor_loss_builder, critic_loss_builder, forward_logprobs, forward_values,
-    reduce_metrics, run_pipeline,
+    reduce_metrics, run_pipeline, split_micro_batches,
 )
 from remix_megatron.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
 from remix_megatron.config import ExperimentConfig
@@ -85,18 +85,7 @@ def _gather_rows(local: torch.Tensor, state: ParallelState) -> torch.Tensor:
 def _micro_batches(rollout: SyntheticRollout, rows: slice, size: int, actor: ActorLossInputs | None = None,
                    critic: CriticTargets | None = None) -> list[MicroBatch]:
     """Cut this rank's rows into micro-batches (``actor``/``critic`` hold this rank's rows)."""
-    def cut(record, part):
-        if record is None:
-            return None
-        return type(record)(**{name: value[part] for name, value in vars(record).items()})
-
-    out = []
-    for start in range(0, rows.stop - rows.start, size):
-        part = slice(start, start + size)
-        rows_part = slice(rows.start + start, rows.start + start + size)
-        out.append(MicroBatch(tokens=rollout.tokens[rows_part], labels=rollout.labels[rows_part],
-                              actor=cut(actor, part), critic=cut(critic, part)))
-    return out
+    return split_micro_batches(rollout.tokens[rows], rollout.labels[rows], size, actor=actor, critic=critic)
 
 
 def _prepare_losses(cfg: ExperimentConfig, rollout: SyntheticRollout, actor, critic, state: ParallelState):

@@ -30,7 +30,7 @@ from remix_megatron.algorithms import fresh_prompts, kl_lambda, phase
 from remix_megatron.algorithms.advantages import grpo_advantages
 from remix_megatron.algorithms.megatron_adapter import (
     CriticTargets, MicroBatch, actor_loss_builder, critic_loss_builder, forward_logprobs, forward_values,
-    reduce_metrics, run_pipeline,
+    reduce_metrics, run_pipeline, split_micro_batches,
 )
 from remix_megatron.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
 from remix_megatron.config import ConfigError, ExperimentConfig, config_to_dict
@@ -117,13 +117,7 @@ def _pack(records: list[Trajectory], seq_length: int, pad_id: int) -> dict[str, 
 
 def _micro_batches(packed: dict, size: int, actor: ActorLossInputs | None = None,
                    critic: CriticTargets | None = None) -> list[MicroBatch]:
-    def cut(record, part):
-        return None if record is None else type(record)(**{k: v[part] for k, v in vars(record).items()})
-
-    rows = packed["tokens"].size(0)
-    return [MicroBatch(tokens=packed["tokens"][i:i + size], labels=packed["labels"][i:i + size],
-                       actor=cut(actor, slice(i, i + size)), critic=cut(critic, slice(i, i + size)))
-            for i in range(0, rows, size)]
+    return split_micro_batches(packed["tokens"], packed["labels"], size, actor=actor, critic=critic)
 
 
 def _pad_rows(records: list, multiple: int) -> tuple[list, int]:
@@ -151,6 +145,17 @@ def _positions(records: list[Trajectory], seq_length: int) -> list[slice]:
 
 
 # ------------------------------------------------------------------------------ rollout
+
+
+def _response_budget(prompts, cfg: ExperimentConfig) -> int:
+    """New tokens that fit beside the longest prompt in a ``trainer.seq_length + 1`` sequence."""
+    longest = max(len(p.token_ids) for p in prompts)
+    return max(1, min(cfg.rollout.max_new_tokens, cfg.trainer.seq_length + 1 - longest))
+
+
+def _sync(engine, models: Models, cfg: ExperimentConfig, state: ParallelState) -> None:
+    """Wake-time weight sync: the actor's current weights into the engine."""
+    sync_weights(engine, models.actor.unwrapped(), state, cfg.model, bucket_bytes=cfg.rollout.weight_sync_bucket_mb << 20)
 
 
 @dataclass
@@ -181,10 +186,9 @@ def _rollout(k: int, prompts, cfg: ExperimentConfig, state: ParallelState, engin
     mine = [(index, prompt) for index, prompt in enumerate(prompts) if index % state.data_parallel == state.dp_rank]
     if not mine:
         return RolloutResult(records=[], texts=[], logprob_gap=None)
-    longest = max(len(p.token_ids) for _, p in mine)
     params = SamplingParams(n=cfg.rollout.responses_per_prompt, temperature=cfg.rollout.temperature,
                             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-                            max_new_tokens=max(1, min(cfg.rollout.max_new_tokens, cfg.trainer.seq_length + 1 - longest)),
+                            max_new_tokens=_response_budget([p for _, p in mine], cfg),
                             stop_token_ids=(tokenizer.eos_token_id,),
                             seed=cfg.trainer.seed * 1_000_003 + k * 1009 + state.dp_rank)
     generations = engine.generate([p.token_ids.tolist() for _, p in mine], params)
@@ -287,14 +291,13 @@ def _update(model, batches, builder, state, counters: dict, limit: int, name: st
 def _evaluate(source, engine, tokenizer, grader, cfg: ExperimentConfig, state: ParallelState, models: Models) -> float:
     """Greedy accuracy of the current actor on the held-out prompts (split over DP ranks)."""
     engine.wake_up()
-    sync_weights(engine, models.actor.unwrapped(), state, cfg.model, bucket_bytes=cfg.rollout.weight_sync_bucket_mb << 20)
+    _sync(engine, models, cfg, state)
     prompts = source.prompts[: cfg.data.eval_size or None]
     mine = prompts[state.dp_rank::state.data_parallel]
     correct = torch.zeros(2, dtype=torch.float64)
     if mine:
-        longest = max(len(p.token_ids) for p in mine)
         params = SamplingParams(temperature=0.0, stop_token_ids=(tokenizer.eos_token_id,),
-                                max_new_tokens=max(1, min(cfg.rollout.max_new_tokens, cfg.trainer.seq_length + 1 - longest)))
+                                max_new_tokens=_response_budget(mine, cfg))
         generations = engine.generate([p.token_ids.tolist() for p in mine], params)
         texts = [tokenizer.decode(g[0].token_ids, skip_special_tokens=True) for g in generations]
         scores, _ = grader(texts, [p.answer for p in mine])
@@ -424,7 +427,7 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
     if current.reset_reference:  # policy reincarnation: the reference becomes pi_T
         _copy_weights(models.actor.unwrapped(), models.ref)
     engine.wake_up()
-    sync_weights(engine, models.actor.unwrapped(), state, cfg.model, bucket_bytes=cfg.rollout.weight_sync_bucket_mb << 20)
+    _sync(engine, models, cfg, state)
     lap("sync")
     fresh = sampler.fresh_to_generate(store, k, current.off_policy_portion)
     interval = cfg.rollout.logprob_check_interval

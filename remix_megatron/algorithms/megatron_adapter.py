@@ -47,13 +47,27 @@ class MicroBatch:
     critic: CriticTargets | None = None
 
     def to(self, device: torch.device) -> "MicroBatch":
-        def move(record):
-            if record is None:
-                return None
-            return type(record)(**{f.name: getattr(record, f.name).to(device) for f in fields(record)})
-
+        move = lambda t: t.to(device)  # noqa: E731
         return MicroBatch(tokens=self.tokens.to(device), labels=self.labels.to(device),
-                          actor=move(self.actor), critic=move(self.critic))
+                          actor=_map_record(self.actor, move), critic=_map_record(self.critic, move))
+
+
+def _map_record(record, function):
+    """Apply ``function`` to every tensor field of a record dataclass (None stays None)."""
+    if record is None:
+        return None
+    return type(record)(**{f.name: function(getattr(record, f.name)) for f in fields(record)})
+
+
+def split_micro_batches(tokens: torch.Tensor, labels: torch.Tensor, size: int, *, actor: ActorLossInputs | None = None,
+                        critic: CriticTargets | None = None) -> list[MicroBatch]:
+    """Cut ``[rows, seq]`` tensors (and the rows of ``actor`` / ``critic``) into micro-batches of ``size`` rows."""
+    out = []
+    for start in range(0, tokens.size(0), size):
+        part = slice(start, start + size)
+        out.append(MicroBatch(tokens=tokens[part], labels=labels[part], actor=_map_record(actor, lambda t: t[part]),
+                              critic=_map_record(critic, lambda t: t[part])))
+    return out
 
 
 LossFunc = Callable[[torch.Tensor], tuple]

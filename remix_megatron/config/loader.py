@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import functools
 import os
-import tempfile
 import typing
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -23,6 +22,7 @@ from omegaconf import errors as oc_errors
 
 from remix_megatron.config.presets import MODEL_PRESETS, model_values_from_hf_dir
 from remix_megatron.config.schema import ConfigError, ExperimentConfig
+from remix_megatron.fileio import atomic_write_text
 
 
 @functools.cache
@@ -152,12 +152,7 @@ def save_config(cfg: ExperimentConfig, path: str | os.PathLike, header: Mapping[
     """Write ``to_yaml`` atomically (temp file + rename) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        handle.write(to_yaml(cfg, header))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, path)
-    return path
+    return atomic_write_text(path, to_yaml(cfg, header))
 
 
 def _reference_lines(cls: type, defaults: object | None, indent: str) -> list[str]:

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -29,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from remix_megatron.fileio import atomic_write_text, fsync_dir
 from remix_megatron.store.record import SCHEMA_VERSION, Trajectory, arrow_schema, from_table, to_table
 
 FORMAT = "remix-trajectory-store"
@@ -41,21 +41,8 @@ class StoreError(RuntimeError):
     """The store on disk is not what it must be (schema, corruption, missing data)."""
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write_json(path: Path, payload: dict) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False) as f:
-        json.dump(payload, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
-    _fsync_dir(path.parent)
+    atomic_write_text(path, json.dumps(payload, indent=1))
 
 
 @dataclass(frozen=True)
@@ -106,7 +93,7 @@ class ShardWriter:
         with open(self._tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(self._tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         return self.path
 
     def abort(self) -> None:
@@ -292,7 +279,7 @@ class TrajectoryStore:
         removed = []
         for iteration in iterations:
             self.manifest_path(iteration).unlink(missing_ok=True)  # invisible first, then delete
-            _fsync_dir(self.root / "manifests")
+            fsync_dir(self.root / "manifests")
             shutil.rmtree(self.iteration_dir(iteration), ignore_errors=True)
             removed.append(iteration)
         return removed
