@@ -13,6 +13,7 @@ from typing import Sequence
 from remix_megatron.config import (
     MODEL_PRESETS, ConfigError, load_config, reference_yaml, save_config, to_yaml, validate_layout,
 )
+from remix_megatron.evaluation import command as evaluation_command
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -143,6 +144,20 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         return 1
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from remix_megatron.checkpoint import CheckpointError
+    from remix_megatron.evaluation.command import run
+
+    try:
+        run(args)
+        return 0
+    except (CheckpointError, ValueError) as error:  # ConfigError is a ValueError: keep its exit code
+        if isinstance(error, ConfigError):
+            raise
+        print(f"evaluate error: {error}", file=sys.stderr)
+        return 1
+
+
 def _cmd_tiny(args: argparse.Namespace) -> int:
     import json
     import logging
@@ -195,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="to-hf: dtype (default: training's)")
     convert.add_argument("--tolerance", type=float, default=1e-5, help="verify-hf: max logit difference")
     convert.set_defaults(func=_cmd_convert)
+    evaluate = sub.add_parser("evaluate", help="pass@1 / avg@k of an HF directory or a checkpoint on the math "
+                                               "benchmarks (run under torchrun for data parallelism)")
+    evaluation_command.add_arguments(evaluate)
+    evaluate.set_defaults(func=_cmd_evaluate)
     tiny = sub.add_parser("tiny", help="build (or find in the cache) the tiny arithmetic model for CPU runs")
     tiny.add_argument("--out", default=None, help="directory (default: the cache)")
     tiny.add_argument("--force", action="store_true", help="rebuild even if cached")

@@ -74,4 +74,18 @@ def write_plots(history: Sequence[dict], out_dir: Path) -> list[Path]:
         figure.savefig(out_dir / file, dpi=100)
         plt.close(figure)
         paths.append(out_dir / file)
+    benchmarks = sorted({key for r in history for key in r if key.startswith("eval/") and key.count("/") == 1})
+    if benchmarks:  # periodic benchmark scores (data.eval_benchmarks), one line each
+        figure, axis = plt.subplots(figsize=(5, 3.2))
+        for key in benchmarks:
+            points = [(r.get("rollouts_total", 0), r[key]) for r in history if key in r]
+            axis.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=key[5:])
+        axis.set_xlabel("rollouts generated")
+        axis.set_title("benchmark scores (pass@1 / avg@k)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(out_dir / "benchmarks.png", dpi=100)
+        plt.close(figure)
+        paths.append(out_dir / "benchmarks.png")
     return paths

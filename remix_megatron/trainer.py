@@ -36,6 +36,8 @@ from remix_megatron.checkpoint import latest_iteration, load_checkpoint, save_ch
 from remix_megatron.config import ConfigError, ExperimentConfig, config_to_dict
 from remix_megatron.convert.export import export_hf, load_hf_into
 from remix_megatron.data import PromptSource, load_records
+from remix_megatron.evaluation import Benchmark, resolve_benchmarks, self_reflection
+from remix_megatron.evaluation.runner import EvalSettings, evaluate_benchmarks, write_outputs
 from remix_megatron.metrics_log import RunLog
 from remix_megatron.models import build_actor, build_critic, make_trainable
 from remix_megatron.parallel import ParallelState, init_parallel
@@ -44,7 +46,6 @@ from remix_megatron.rollout import SamplingParams, get_engine_factory
 from remix_megatron.rollout.weight_sync import check_logprob_gap, logprob_gap, sync_weights
 from remix_megatron.store import MixedSampler, Trajectory, open_store
 
-REFLECTION_WORDS = ("wait", "verify", "check", "re-examine", "confirm", "but")
 CRITIC_ESTIMATORS = ("gae", "vtrace_gae")
 
 
@@ -288,29 +289,54 @@ def _update(model, batches, builder, state, counters: dict, limit: int, name: st
 # ------------------------------------------------------------------------------ evaluation and logging
 
 
-def _evaluate(source, engine, tokenizer, grader, cfg: ExperimentConfig, state: ParallelState, models: Models) -> float:
-    """Greedy accuracy of the current actor on the held-out prompts (split over DP ranks)."""
+def _eval_benchmarks(cfg: ExperimentConfig) -> list[Benchmark]:
+    """The held-out set (greedy, ``data.eval_size`` problems) and ``data.eval_benchmarks``, if any."""
+    out = []
+    if cfg.data.eval_path:
+        out += resolve_benchmarks([f"heldout={cfg.data.eval_path}"], cfg.data.benchmark_dir)
+    if cfg.data.eval_benchmarks:
+        samples = cfg.data.eval_samples
+        out += resolve_benchmarks(cfg.data.eval_benchmarks, cfg.data.benchmark_dir, samples=samples,
+                                  temperature=(cfg.data.eval_temperature if samples > 1 else 0.0) if samples else None)
+    return out
+
+
+def _evaluate(k: int, benchmarks: list[Benchmark], engine, tokenizer, grader, cfg: ExperimentConfig,
+              state: ParallelState, models: Models) -> dict[str, float]:
+    """Score the current actor on the evaluation sets (split over DP ranks); generations saved per evaluation."""
     engine.wake_up()
     _sync(engine, models, cfg, state)
-    prompts = source.prompts[: cfg.data.eval_size or None]
-    mine = prompts[state.dp_rank::state.data_parallel]
-    correct = torch.zeros(2, dtype=torch.float64)
-    if mine:
-        params = SamplingParams(temperature=0.0, stop_token_ids=(tokenizer.eos_token_id,),
-                                max_new_tokens=_response_budget(mine, cfg))
-        generations = engine.generate([p.token_ids.tolist() for p in mine], params)
-        texts = [tokenizer.decode(g[0].token_ids, skip_special_tokens=True) for g in generations]
-        scores, _ = grader(texts, [p.answer for p in mine])
-        correct += torch.tensor([sum(scores), len(scores)], dtype=torch.float64)
+    metrics = {}
+    for benchmark in benchmarks:
+        heldout = benchmark.name == "heldout"
+        settings = EvalSettings(template=cfg.data.template, max_prompt_tokens=cfg.rollout.max_prompt_tokens,
+                                max_new_tokens=cfg.rollout.max_new_tokens, context_limit=cfg.trainer.seq_length + 1,
+                                overlong=cfg.data.overlong,
+                                limit=cfg.data.eval_size if heldout else cfg.data.eval_benchmark_size,
+                                seed=cfg.trainer.seed + k, problem_key=cfg.data.problem_key,
+                                answer_key=cfg.data.answer_key, id_key=cfg.data.id_key)
+        result = evaluate_benchmarks(engine, tokenizer, grader, [benchmark], settings, dp_rank=state.dp_rank,
+                                     dp_size=state.data_parallel, dp_group=state.dp_group)
+        score = result.scores[0]
+        if heldout:
+            metrics["eval_accuracy"] = score.score
+        else:
+            metrics[f"eval/{score.benchmark}"] = score.score
+        for key in ("format_rate", "self_reflection_rate", "mean_response_length"):
+            metrics[f"eval/{score.benchmark}/{key}"] = getattr(score, key)
+        if state.rank == 0 and not heldout:
+            write_outputs(result, Path(cfg.trainer.run_dir) / "eval" / f"iter_{k:07d}" / score.benchmark)
+    scored = [value for key, value in metrics.items() if key.count("/") == 1]
+    if scored:
+        metrics["eval/average"] = sum(scored) / len(scored)
     engine.sleep()
-    dist.all_reduce(correct, group=state.dp_group)
-    return (correct[0] / correct[1].clamp(min=1)).item()
+    return metrics
 
 
 def _rollout_stats(result: RolloutResult, state: ParallelState) -> dict[str, float]:
     records = result.records
     local = torch.tensor([len(records), sum(r.reward for r in records), sum(r.response_length for r in records),
-                          sum(any(w in t.lower() for w in REFLECTION_WORDS) for t in result.texts),
+                          sum(self_reflection(t) for t in result.texts),
                           sum(r.finish_reason == "length" for r in records)], dtype=torch.float64)
     dist.all_reduce(local, group=state.dp_group)
     count = local[0].clamp(min=1)
@@ -322,17 +348,19 @@ def _rollout_stats(result: RolloutResult, state: ParallelState) -> dict[str, flo
 # ------------------------------------------------------------------------------ the loop
 
 
-def _sources(cfg: ExperimentConfig, tokenizer):
+def _train_source(cfg: ExperimentConfig, tokenizer) -> PromptSource:
     if not cfg.data.train_path:
         raise ConfigError("data.train_path is required for training (a .jsonl / .parquet / HF datasets path)")
-    common = dict(template=cfg.data.template, max_prompt_tokens=cfg.rollout.max_prompt_tokens,
-                  overlong=cfg.data.overlong, problem_key=cfg.data.problem_key, answer_key=cfg.data.answer_key,
-                  id_key=cfg.data.id_key)
-    train = PromptSource(load_records(cfg.data.train_path), tokenizer, seed=cfg.trainer.seed, name="train", **common)
-    held_out = None
-    if cfg.data.eval_path:
-        held_out = PromptSource(load_records(cfg.data.eval_path), tokenizer, seed=cfg.trainer.seed, name="eval", **common)
-    return train, held_out
+    return PromptSource(load_records(cfg.data.train_path), tokenizer, seed=cfg.trainer.seed, name="train",
+                        template=cfg.data.template, max_prompt_tokens=cfg.rollout.max_prompt_tokens,
+                        overlong=cfg.data.overlong, problem_key=cfg.data.problem_key, answer_key=cfg.data.answer_key,
+                        id_key=cfg.data.id_key)
+
+
+def _eval_line(record: dict) -> str:
+    parts = [f"held-out {record['eval_accuracy']:.3f}"] if "eval_accuracy" in record else []
+    parts += [f"{key[5:]} {value:.3f}" for key, value in record.items() if key.startswith("eval/") and key.count("/") == 1]
+    return " | " + ", ".join(parts) if parts else ""
 
 
 def train(cfg: ExperimentConfig) -> list[dict]:
@@ -346,7 +374,11 @@ def train(cfg: ExperimentConfig) -> list[dict]:
     grader = REWARDS.get(cfg.data.reward)()
     state = init_parallel(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
-    train_source, held_out = _sources(cfg, tokenizer)
+    train_source = _train_source(cfg, tokenizer)
+    try:
+        evaluations = _eval_benchmarks(cfg)
+    except ValueError as error:
+        raise ConfigError(f"evaluation sets: {error}") from None
     models = _build_models(cfg, state)
     run_dir, checkpoints = Path(cfg.trainer.run_dir), cfg.trainer.checkpoint_root
     store = open_store(cfg.store.path or run_dir / "store", create=True, extra_columns=["grpo_advantage"],
@@ -375,17 +407,16 @@ def train(cfg: ExperimentConfig) -> list[dict]:
     log = RunLog(run_dir, active=state.rank == 0, wandb_project=cfg.trainer.wandb_project,
                  config=config_to_dict(cfg))
     history: list[dict] = []
-    if held_out is not None and first == 1 and cfg.data.eval_interval:
-        accuracy = _evaluate(held_out, engine, tokenizer, grader, cfg, state, models)
-        history.append({"iteration": 0, "rollouts_total": 0, "eval_accuracy": accuracy})
+    if evaluations and first == 1 and cfg.data.eval_interval:
+        history.append({"iteration": 0, "rollouts_total": 0,
+                        **_evaluate(0, evaluations, engine, tokenizer, grader, cfg, state, models)})
         log.write(history[-1])
         if state.rank == 0:
-            print(f"[0/{cfg.trainer.num_steps}] held-out accuracy {accuracy:.3f}", flush=True)
+            print(f"[0/{cfg.trainer.num_steps}] before training: {_eval_line(history[-1])[3:]}", flush=True)
     for k in range(first, cfg.trainer.num_steps + 1):
         record = _iteration(k, cfg, state, models, engine, tokenizer, grader, train_source, store, sampler, counters)
-        if held_out is not None and cfg.data.eval_interval and (k % cfg.data.eval_interval == 0
-                                                                 or k == cfg.trainer.num_steps):
-            record["eval_accuracy"] = _evaluate(held_out, engine, tokenizer, grader, cfg, state, models)
+        if evaluations and cfg.data.eval_interval and (k % cfg.data.eval_interval == 0 or k == cfg.trainer.num_steps):
+            record.update(_evaluate(k, evaluations, engine, tokenizer, grader, cfg, state, models))
         interval = cfg.trainer.save_interval
         if interval >= 0 and (k == cfg.trainer.num_steps or (interval and k % interval == 0)):
             save_checkpoint(checkpoints, k, models.named(), state,
@@ -395,7 +426,7 @@ def train(cfg: ExperimentConfig) -> list[dict]:
         history.append(record)
         log.write(record)
         if state.rank == 0:
-            accuracy = f" | held-out {record['eval_accuracy']:.3f}" if "eval_accuracy" in record else ""
+            accuracy = _eval_line(record)
             seconds = record["time/iteration_s"]
             remaining = (cfg.trainer.num_steps - k) * seconds
             print(f"[{k}/{cfg.trainer.num_steps}] reward {record['reward_mean']:.3f} length "

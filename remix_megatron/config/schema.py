@@ -325,12 +325,24 @@ class DataConfig:
     eval_interval: int = doc("evaluate every this many iterations (and before the first, and after the last); "
                              "0 = never", 10)
     eval_size: int = doc("held-out prompts evaluated; 0 = all", 0)
+    eval_benchmarks: str = doc("benchmarks also scored at each evaluation, comma-separated: aime24, amc23, math500, "
+                               "minerva, olympiadbench (from data.benchmark_dir) or name=PATH; '' = none", "")
+    benchmark_dir: str = doc("directory holding <name>.jsonl for the named benchmarks", "../shared/data")
+    eval_benchmark_size: int = doc("problems of each benchmark scored at each evaluation; 0 = all", 0)
+    eval_samples: int = doc("responses per benchmark problem; 0 = the paper's protocol (avg@32 at temperature 0.1 "
+                            "for AIME/AMC, greedy pass@1 for the others)", 0)
+    eval_temperature: float = doc("sampling temperature when data.eval_samples > 1", 0.1)
 
     def __post_init__(self) -> None:
         _require_choice("data.overlong", self.overlong, OVERLONG_POLICIES)
         _require("{problem}" in self.template, f"data.template={self.template!r} must contain {{problem}}")
         _require(self.eval_interval >= 0 and self.eval_size >= 0,
                  f"data.eval_interval={self.eval_interval} and data.eval_size={self.eval_size} must be >= 0")
+        _require(self.eval_benchmark_size >= 0 and self.eval_samples >= 0,
+                 f"data.eval_benchmark_size={self.eval_benchmark_size} and data.eval_samples={self.eval_samples} "
+                 "must be >= 0")
+        _require(self.eval_samples <= 1 or self.eval_temperature > 0,
+                 f"data.eval_samples={self.eval_samples} greedy samples would be identical: set data.eval_temperature > 0")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -105,7 +105,7 @@ def verify_against_hf(chunks: Sequence[torch.nn.Module], state: ParallelState, m
     if logits is not None and state.tp_rank == 0 and state.dp_rank == 0:
         from transformers import AutoModelForCausalLM
 
-        reference = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32, attn_implementation="eager")
+        reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
         with torch.no_grad():
             expected = reference(tokens).logits
         scale = max(1.0, expected.abs().max().item())

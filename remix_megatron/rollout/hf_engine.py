@@ -23,7 +23,7 @@ class HFEngine:
         from transformers import AutoModelForCausalLM, GenerationConfig
 
         self.device, self.batch_size = torch.device(device), batch_size
-        self.model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=dtype).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(self.device).eval()
         self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
         self._generation_config = GenerationConfig.from_model_config(self.model.config)
         self.awake = True

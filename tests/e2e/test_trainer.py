@@ -10,7 +10,7 @@ import pytest
 
 from remix_megatron.algorithms import rollout_cost
 from remix_megatron.config import load_config
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -80,11 +80,26 @@ def test_tp2_pp2_config_matches_one_process(tiny_dir, tmp_path):
     assert later[1]["actor/kl_ref"] == 0.0
 
 
-def test_wandb_offline_and_plots(tiny_dir, tmp_path):
+def test_wandb_offline_plots_and_periodic_benchmarks(tiny_dir, tmp_path):
     run = tmp_path / "run"
+    data = REPO.parent / "shared" / "data"
     out = run_cli(["train", "configs/tiny_remix_ppo.yaml", *overrides(tiny_dir, run, 2), "trainer.wandb_project=tiny",
-                   "trainer.save_interval=-1"]).stdout
+                   "trainer.save_interval=-1", "data.eval_benchmarks=math500,aime24", "data.eval_benchmark_size=6",
+                   f"data.benchmark_dir={data}", "data.overlong=truncate", "data.eval_samples=2"]).stdout
     assert "wandb (offline) run directory:" in out
     assert list((run / "wandb").glob("offline-run-*"))
-    for name in ("accuracy.png", "reward.png", "importance_ratio.png", "response_length.png", "self_reflection.png"):
+    for name in ("accuracy.png", "reward.png", "importance_ratio.png", "response_length.png", "self_reflection.png",
+                 "benchmarks.png"):
         assert (run / name).stat().st_size > 1000, name
+    evaluated = [r for r in metrics(run) if "eval/math500" in r]
+    assert [r["iteration"] for r in evaluated] == [0, 2]  # before training and every data.eval_interval=2
+    import pyarrow.parquet as pq
+
+    for record in evaluated:
+        for name in ("math500", "aime24"):
+            rows = pq.read_table(run / "eval" / f"iter_{record['iteration']:07d}" / name / "generations.parquet")
+            rows = rows.to_pylist()
+            assert len(rows) == 6 * 2 and {r["sample"] for r in rows} == {0, 1}  # 6 problems x eval_samples
+            assert record[f"eval/{name}"] == pytest.approx(sum(r["correct"] for r in rows) / 12)
+        assert record["eval/average"] == pytest.approx((record["eval/math500"] + record["eval/aime24"]) / 2)
+        assert 0 <= record["eval/heldout/format_rate"] <= 1 and "eval_accuracy" in record
