@@ -76,6 +76,16 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dryrun(args: argparse.Namespace) -> int:
+    from remix_megatron.planning import format_layout, format_memory, plan_memory
+
+    cfg = load_config(args.config, args.overrides)
+    plan = plan_memory(cfg, args.world_size, gpu_memory_gib=args.gpu_memory_gib)
+    print(format_layout(plan.layout))
+    print(format_memory(plan))
+    return 0 if plan.fits else 1
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     for name in MODEL_PRESETS.names():
         preset = MODEL_PRESETS.get(name)
@@ -219,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--force", action="store_true", help="rebuild even if cached")
     tiny.add_argument("--path-only", action="store_true", help="print only the model directory (for scripts)")
     tiny.set_defaults(func=_cmd_tiny)
+    dryrun = sub.add_parser("dryrun", help="check a config's layout and memory per GPU for a world size, without "
+                                           "GPUs or processes (exit 1 when it does not fit)")
+    _add_config_args(dryrun)
+    dryrun.add_argument("--world-size", type=int, default=None,
+                        help="ranks to plan for (default: cluster.nodes x cluster.gpus_per_node, else TP x PP)")
+    dryrun.add_argument("--gpu-memory-gib", type=float, default=None,
+                        help="GPU memory to check against (default: cluster.gpu_memory_gib; 0 = no check)")
+    dryrun.set_defaults(func=_cmd_dryrun)
     presets = sub.add_parser("presets", help="list model presets")
     presets.set_defaults(func=_cmd_presets)
     return parser

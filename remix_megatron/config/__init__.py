@@ -14,6 +14,7 @@ from remix_megatron.config.loader import (
 from remix_megatron.config.presets import MODEL_PRESETS
 from remix_megatron.config.schema import (
     AlgorithmConfig,
+    ClusterConfig,
     ConfigError,
     DataConfig,
     ExperimentConfig,
@@ -26,7 +27,7 @@ from remix_megatron.config.schema import (
 )
 
 __all__ = [
-    "AlgorithmConfig", "ConfigError", "DataConfig", "ExperimentConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "RolloutConfig", "StoreConfig", "TrainerConfig",
+    "AlgorithmConfig", "ClusterConfig", "ConfigError", "DataConfig", "ExperimentConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "RolloutConfig", "StoreConfig", "TrainerConfig",
     "MODEL_PRESETS", "build_config", "config_to_dict", "load_config", "parse_overrides", "read_yaml",
     "reference_yaml", "save_config", "to_yaml", "validate_layout",
 ]

@@ -40,6 +40,16 @@ _preset("r1-distill-qwen-7b", family="qwen2", num_layers=28, hidden_size=3584, f
 _preset("llama3-8b", family="llama", num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
         num_attention_heads=32, num_query_groups=8, vocab_size=128256, max_position_embeddings=8192,
         rotary_base=500000.0, norm_epsilon=1e-5, add_qkv_bias=False, tie_word_embeddings=False)
+# deepseek-ai/DeepSeek-R1-Distill-Qwen-32B (Qwen2.5-32B architecture): the 2 x 8 GPU scaling config
+_preset("r1-distill-qwen-32b", family="qwen2", num_layers=64, hidden_size=5120, ffn_hidden_size=27648,
+        num_attention_heads=40, num_query_groups=8, vocab_size=152064, max_position_embeddings=131072,
+        rotary_base=1000000.0, norm_epsilon=1e-5, add_qkv_bias=True, tie_word_embeddings=False)
+# deepseek-ai/DeepSeek-R1-Distill-Llama-70B (Llama-3.3-70B architecture): the 4 x 8 GPU scaling config.
+# Its config.json also sets llama3 rope_scaling, which is not implemented: loading those weights
+# through model.hf_path is refused; the preset serves layout planning and from-scratch runs.
+_preset("r1-distill-llama-70b", family="llama", num_layers=80, hidden_size=8192, ffn_hidden_size=28672,
+        num_attention_heads=64, num_query_groups=8, vocab_size=128256, max_position_embeddings=131072,
+        rotary_base=500000.0, norm_epsilon=1e-5, add_qkv_bias=False, tie_word_embeddings=False)
 
 
 def model_values_from_hf_config(hf: Mapping, *, source: str = "config.json") -> dict:

@@ -273,6 +273,28 @@ class StoreConfig:
         _require(0 < self.replay_age_decay <= 1, f"store.replay_age_decay={self.replay_age_decay} must lie in (0, 1]")
 
 
+@dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    """The hardware an experiment is written for: what `remix-megatron dryrun` and the Slurm
+    sweeps read (the launchers take node and GPU counts from torchrun / Slurm themselves)."""
+
+    nodes: int = doc("nodes the experiment runs on", 1)
+    gpus_per_node: int = doc("GPUs (one rank each) per node; 0 = CPU processes, the world size then comes "
+                             "from the launcher (dry run: --world-size, else TP*PP)", 0)
+    gpu_memory_gib: float = doc("memory of one GPU in GiB that the dry run checks the plan against; "
+                                "0 = not checked", 0.0)
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "nodes")
+        _require(self.gpus_per_node >= 0, f"cluster.gpus_per_node={self.gpus_per_node} must be >= 0 (0 = CPU)")
+        _require(self.gpu_memory_gib >= 0, f"cluster.gpu_memory_gib={self.gpu_memory_gib} must be >= 0 (0 = unchecked)")
+
+    @property
+    def world_size(self) -> int:
+        """Ranks on the stated hardware; 0 when it is CPU processes (not stated)."""
+        return self.nodes * self.gpus_per_node
+
+
 ENGINE_NAMES = ("hf", "vllm", "sglang")
 
 
@@ -358,6 +380,8 @@ class ExperimentConfig:
     data: DataConfig = section("prompts, template, reward, evaluation", DataConfig)
     store: StoreConfig = section("trajectory store and replay sampler", StoreConfig)
     trainer: TrainerConfig = section("batching and run settings", TrainerConfig)
+    cluster: ClusterConfig = section("the hardware the experiment is written for (dry run, Slurm sweeps)",
+                                     ClusterConfig)
 
     def __post_init__(self) -> None:
         keep, window = self.store.keep_iterations, self.algorithm.replay_window
