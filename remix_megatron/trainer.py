@@ -196,6 +196,8 @@ def _rollout(k: int, prompts, cfg: ExperimentConfig, state: ParallelState, engin
     flat = [(index, prompt, g) for (index, prompt), gs in zip(mine, generations) for g in gs]
     texts = [tokenizer.decode(g.token_ids, skip_special_tokens=True) for _, _, g in flat]
     scores, _ = grader(texts, [prompt.answer for _, prompt, _ in flat])
+    if cfg.trainer.control == "shuffled_rewards":  # a control: rewards no longer follow the responses
+        scores = [scores[i] for i in np.random.default_rng([cfg.trainer.seed, k, state.dp_rank]).permutation(len(scores))]
     drafts = [Trajectory(iteration=k, prompt_id=prompt.id, group_id=index, prompt_tokens=prompt.token_ids,
                          response_tokens=g.token_ids, reward=score, behaviour_logprobs=np.zeros(len(g.token_ids)),
                          finish_reason=g.finish_reason, extra={"grpo_advantage": 0.0})
@@ -266,10 +268,17 @@ class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had NaN/inf gradients."""
 
 
-def _update(model, batches, builder, state, counters: dict, limit: int, name: str) -> dict[str, float]:
-    """One optimizer step; a step with non-finite gradients is skipped, and ``limit`` in a row stop the run."""
+def _update(model, batches, builder, state, counters: dict, limit: int, name: str, *, apply: bool = True
+            ) -> dict[str, float]:
+    """One optimizer step; a step with non-finite gradients is skipped, and ``limit`` in a row stop the run.
+
+    ``apply=False`` (the no_update control) computes losses and gradients and discards them.
+    """
     model.zero_grad()
     logs = run_pipeline(model.chunks, batches, builder, state, forward_only=False)
+    if not apply:
+        model.zero_grad()
+        return {**reduce_metrics(logs, state), "grad_norm": 0.0, "step_skipped": 1.0}
     applied, grad_norm = model.step()
     metrics = reduce_metrics(logs, state)
     metrics.update(grad_norm=float(grad_norm if grad_norm is not None else 0.0), step_skipped=float(not applied))
@@ -483,10 +492,11 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
     lap("logprobs")
     builder = actor_loss_builder(cfg.algorithm, state, kl_lambda=weight)
     limit = cfg.trainer.max_skipped_steps
+    apply = cfg.trainer.control != "no_update"
     for _ in range(current.utd):
-        actor_metrics = _update(models.actor, actor_batches, builder, state, counters, limit, "actor")
+        actor_metrics = _update(models.actor, actor_batches, builder, state, counters, limit, "actor", apply=apply)
         critic_metrics = _update(models.critic, critic_batches, critic_loss_builder(cfg.algorithm), state, counters,
-                                 limit, "critic") if critic_batches is not None else {}
+                                 limit, "critic", apply=apply) if critic_batches is not None else {}
     lap("update")
     stats = _rollout_stats(result, state)
     counters["rollouts"] += stats["rollouts"]

@@ -144,6 +144,9 @@ def _critic_optimizer() -> OptimizerConfig:
     return OptimizerConfig(lr=1e-5)
 
 
+CONTROLS = ("none", "no_update", "shuffled_rewards")
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainerConfig:
     """Batching and run-level settings."""
@@ -162,6 +165,8 @@ class TrainerConfig:
     wandb_project: str = doc("log to this wandb project (offline without WANDB_API_KEY); '' = JSONL and plots only",
                              "")
     max_skipped_steps: int = doc("stop after this many optimizer steps in a row skipped for NaN/inf gradients", 3)
+    control: str = doc("control experiment (benchmarks): none | no_update (losses computed, no optimizer step) | "
+                       "shuffled_rewards (each step's fresh rewards permuted across its rollouts)", "none")
 
     def __post_init__(self) -> None:
         _require_positive(self, "micro_batch_size", "global_batch_size", "seq_length", "num_steps")
@@ -172,6 +177,7 @@ class TrainerConfig:
         _require(self.save_interval >= -1, f"trainer.save_interval={self.save_interval} must be >= -1 (-1 = never)")
         _require(self.keep_checkpoints >= 1, f"trainer.keep_checkpoints={self.keep_checkpoints} must be >= 1")
         _require(self.max_skipped_steps >= 1, f"trainer.max_skipped_steps={self.max_skipped_steps} must be >= 1")
+        _require_choice("trainer.control", self.control, CONTROLS)
 
     @property
     def checkpoint_root(self) -> str:

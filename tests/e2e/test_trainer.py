@@ -103,3 +103,36 @@ def test_wandb_offline_plots_and_periodic_benchmarks(tiny_dir, tmp_path):
             assert record[f"eval/{name}"] == pytest.approx(sum(r["correct"] for r in rows) / 12)
         assert record["eval/average"] == pytest.approx((record["eval/math500"] + record["eval/aime24"]) / 2)
         assert 0 <= record["eval/heldout/format_rate"] <= 1 and "eval_accuracy" in record
+
+
+def test_controls_no_update_and_shuffled_rewards(tiny_dir, tmp_path):
+    """The benchmark's controls: no_update leaves the policy (and its accuracy) exactly as it was;
+    shuffled_rewards stores a permutation of the true rewards, detached from the responses."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from remix_megatron.rewards import MathGrader
+    from remix_megatron.store import open_store
+
+    frozen = tmp_path / "frozen"
+    run_cli(["train", "configs/tiny_remix_ppo.yaml", *overrides(tiny_dir, frozen, 2), "trainer.save_interval=-1",
+             "trainer.control=no_update"])
+    accuracy = [r["eval_accuracy"] for r in metrics(frozen) if "eval_accuracy" in r]
+    assert len(accuracy) == 2 and accuracy[0] == accuracy[1]
+    assert all(r["actor/step_skipped"] == 1.0 and r["actor/pg_loss"] == r["actor/pg_loss"] for r in metrics(frozen)[1:])
+    base = load_file(str(tiny_dir / "model.safetensors"))
+    after = {k: v for f in (frozen / "hf_actor").glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    assert all(bool((base[k] == after[k]).all()) for k in base)
+
+    shuffled = tmp_path / "shuffled"
+    run_cli(["train", "configs/tiny_remix_ppo.yaml", *overrides(tiny_dir, shuffled, 1), "trainer.save_interval=-1",
+             "data.eval_interval=0", "trainer.control=shuffled_rewards"])
+    records = open_store(shuffled / "store").read_iteration(1)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    answers = {json.loads(line)["id"]: json.loads(line)["answer"]
+               for line in (tiny_dir / "train.jsonl").read_text().splitlines()}
+    truth, _ = MathGrader()([tokenizer.decode(r.response_tokens, skip_special_tokens=True) for r in records],
+                            [answers[r.prompt_id] for r in records])
+    stored = [r.reward for r in records]
+    assert 0 < sum(truth) < len(truth)  # both kinds present, so a permutation can tell
+    assert sorted(stored) == sorted(truth) and stored != truth
