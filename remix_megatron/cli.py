@@ -86,6 +86,17 @@ def _cmd_dryrun(args: argparse.Namespace) -> int:
     return 0 if plan.fits else 1
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from remix_megatron.sweep import run
+
+    try:
+        return run(args.sweep, args.overrides, slurm=args.slurm, dry_run=args.dry_run,
+                   aggregate_only=args.aggregate_only)
+    except RuntimeError as error:
+        print(f"sweep error: {error}", file=sys.stderr)
+        return 1
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     for name in MODEL_PRESETS.names():
         preset = MODEL_PRESETS.get(name)
@@ -237,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     dryrun.add_argument("--gpu-memory-gib", type=float, default=None,
                         help="GPU memory to check against (default: cluster.gpu_memory_gib; 0 = no check)")
     dryrun.set_defaults(func=_cmd_dryrun)
+    sweep = sub.add_parser("sweep", help="run a YAML grid over config keys (locally with torchrun, or as Slurm jobs) "
+                                         "and aggregate the runs' metrics into a table and a plot")
+    sweep.add_argument("sweep", help="sweep YAML (see configs/sweeps/)")
+    sweep.add_argument("overrides", nargs="*", help="dotted overrides applied to every point")
+    sweep.add_argument("--dry-run", action="store_true", help="validate every point and print the commands only")
+    sweep.add_argument("--slurm", action="store_true", help="submit each point with sbatch launch/slurm.sbatch")
+    sweep.add_argument("--aggregate-only", action="store_true", help="only write the table and plot of finished runs")
+    sweep.set_defaults(func=_cmd_sweep)
     presets = sub.add_parser("presets", help="list model presets")
     presets.set_defaults(func=_cmd_presets)
     return parser
