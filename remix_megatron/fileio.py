@@ -16,16 +16,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+def atomic_write_text(path: str | os.PathLike, text: str, *, durable: bool = True) -> Path:
     """Write ``text`` to a temporary file beside ``path``, fsync, rename over ``path``, fsync the directory.
 
     Readers see the old file or the new one, never a partial one, even after a crash.
+    ``durable=False`` skips both fsyncs: still atomic for readers and after a process kill,
+    for files whose loss in a machine crash is harmless (a later durable write supersedes them).
     """
     path = Path(path)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False) as f:
         f.write(text)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     os.replace(f.name, path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
     return path

@@ -391,9 +391,11 @@ def train(cfg: ExperimentConfig) -> list[dict]:
     models = _build_models(cfg, state)
     run_dir, checkpoints = Path(cfg.trainer.run_dir), cfg.trainer.checkpoint_root
     store = open_store(cfg.store.path or run_dir / "store", create=True, extra_columns=["grpo_advantage"],
-                       cleanup=state.rank == 0, row_group_size=cfg.store.row_group_size) if state.rank == 0 else None
+                       cleanup=state.rank == 0, row_group_size=cfg.store.row_group_size,
+                       compression=cfg.store.compression) if state.rank == 0 else None
     dist.barrier()
-    store = store or open_store(cfg.store.path or run_dir / "store", row_group_size=cfg.store.row_group_size)
+    store = store or open_store(cfg.store.path or run_dir / "store", row_group_size=cfg.store.row_group_size,
+                                compression=cfg.store.compression)
     sampler = MixedSampler.from_config(cfg, groups_per_step=cfg.rollout.prompts_per_step)
     smallest = fresh_prompts(cfg.rollout.prompts_per_step, cfg.algorithm.off_policy_portion,
                              cfg.algorithm.fresh_multiple_of)

@@ -2,16 +2,24 @@
 
 Layout (one directory, local or shared filesystem)::
 
-    STORE.json                      format, schema version, declared extra columns
-    iter_00000012/shard_r00003.parquet   one shard per writer rank per iteration (zstd, page CRCs)
-    manifests/iter_00000012.json    the iteration's index: shards, row counts, stats
+    STORE.json                          format, layout and schema versions, declared extra columns
+    iter_00000012/shard_r00003.arrow    one shard per writer rank per iteration: an Arrow IPC file,
+                                        zstd-compressed record batches of ``row_group_size`` rows
+    iter_00000012/shard_r00003.index.json  the shard's batch index (offset, length, rows, CRC32)
+    manifests/iter_00000012.json        the iteration's index: shards, their batch indexes, row
+                                        counts, group ids, stats
 
-An iteration is visible only once its manifest exists. Shards are written to a temporary
-name, fsynced and renamed; the manifest is published the same way, after every shard of
-the iteration is complete. So a crash (kill -9) at any point leaves every earlier iteration
-readable and the partial one invisible; ``open_store(..., cleanup=True)`` (the publishing
-rank, before the others write) deletes its remains. Nothing is pickled; nothing is skipped
-silently: a schema mismatch or a corrupted shard raises ``StoreError`` naming the file.
+An iteration is visible only once its manifest exists. Shards (index first, then data) are
+written to temporary names, fsynced and renamed; the manifest is published the same way,
+after every shard of the iteration is complete. So a crash (kill -9) at any point leaves
+every earlier iteration readable and the partial one invisible; ``open_store(...,
+cleanup=True)`` (the publishing rank, before the others write) deletes its remains.
+
+Every record batch is read through its CRC32 (the manifest's), so a flipped, truncated or
+replaced byte is an error, and a reader that needs a few rows reads only their batches.
+Nothing is pickled; nothing is skipped silently: a schema mismatch or a corrupted shard
+raises ``StoreError`` naming the file. Shards are ordinary Arrow IPC files
+(``pyarrow.ipc.open_file`` / ``pandas.read_feather`` read them).
 """
 
 from __future__ import annotations
@@ -20,20 +28,25 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass
+import struct
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from remix_megatron.fileio import atomic_write_text, fsync_dir
 from remix_megatron.store.record import SCHEMA_VERSION, Trajectory, arrow_schema, from_table, to_table
 
 FORMAT = "remix-trajectory-store"
+LAYOUT_VERSION = 2  # 1: Parquet shards (page CRCs); 2: Arrow IPC shards with a CRC32 batch index
+COMPRESSIONS = ("zstd", "lz4", "none")  # per record-batch buffer; readers need not know which
+_CODECS = {"zstd": "zstd", "lz4": "lz4", "none": None}
+_READ_OPTIONS = pa.ipc.IpcReadOptions(use_threads=True)  # decompress a batch's buffers in parallel
 _ITER = re.compile(r"^iter_(\d{8})$")
-_SHARD = re.compile(r"^shard_r(\d{5})\.parquet$")
+_SHARD = re.compile(r"^shard_r(\d{5})\.arrow$")
 _MANIFEST = re.compile(r"^iter_(\d{8})\.json$")
 
 
@@ -46,11 +59,32 @@ def _atomic_write_json(path: Path, payload: dict) -> None:
 
 
 @dataclass(frozen=True)
+class BatchInfo:
+    offset: int  # byte offset of the record batch's IPC message in the shard file
+    length: int  # bytes of the message (metadata + compressed body)
+    rows: int
+    crc32: int  # zlib.crc32 of those bytes
+
+
+@dataclass(frozen=True)
 class ShardInfo:
     file: str  # relative to the store root
     rank: int
     rows: int
     bytes: int
+    batches: tuple[BatchInfo, ...] = ()
+    group_ids: tuple[int, ...] = ()  # per row, so the sampler plans without reading shards
+
+    @staticmethod
+    def from_json(payload: dict) -> "ShardInfo":
+        return ShardInfo(file=payload["file"], rank=payload["rank"], rows=payload["rows"], bytes=payload["bytes"],
+                         batches=tuple(BatchInfo(*b) for b in payload["batches"]),
+                         group_ids=tuple(payload["group_ids"]))
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "rank": self.rank, "rows": self.rows, "bytes": self.bytes,
+                "batches": [[b.offset, b.length, b.rows, b.crc32] for b in self.batches],
+                "group_ids": list(self.group_ids)}
 
 
 @dataclass(frozen=True)
@@ -63,6 +97,51 @@ class IterationInfo:
     shards: tuple[ShardInfo, ...]
 
 
+class _ChecksummingFile:
+    """The write-only file Arrow's IPC writer writes through: CRC32 of the current record batch.
+
+    The IPC file starts with 8 magic bytes and the schema message (0xFFFFFFFF, int32 metadata
+    length, metadata); the first batch begins after it. ``segment()`` ends one batch's bytes.
+    """
+
+    def __init__(self, handle) -> None:
+        self.handle, self.position, self.crc, self.start = handle, 0, 0, None
+        self._head = bytearray()
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if self.start is None:
+            self._head += view[: max(0, 16 - len(self._head))]
+            if len(self._head) >= 16:
+                self.start = 16 + struct.unpack_from("<i", self._head, 12)[0]
+        if self.start is not None and self.position + len(view) > self.start:
+            self.crc = zlib.crc32(view[max(0, self.start - self.position):], self.crc)
+        self.position += len(view)
+        self.handle.write(view)
+        return len(view)
+
+    def segment(self, rows: int) -> BatchInfo:
+        batch = BatchInfo(offset=self.start, length=self.position - self.start, rows=rows, crc32=self.crc)
+        self.start, self.crc = self.position, 0
+        return batch
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def tell(self) -> int:
+        return self.position
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def closed(self) -> bool:
+        return self.handle.closed
+
+    def close(self) -> None:  # the ShardWriter closes the real file after fsync
+        pass
+
+
 class ShardWriter:
     """Streams records of one (iteration, rank) shard; the file appears complete or not at all."""
 
@@ -71,34 +150,49 @@ class ShardWriter:
         self.path = store.shard_path(iteration, rank)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        # Dictionary encoding and statistics only where they pay: on random-looking token and
-        # log-prob lists they cost 5x the write time (measured) and make files bigger.
-        self._writer = pq.ParquetWriter(
-            self._tmp, arrow_schema(store.extra_columns), compression="zstd", compression_level=1,
-            write_page_checksum=True, use_dictionary=["prompt_id", "finish_reason"],
-            write_statistics=["iteration", "group_id", "reward", "response_length"])
-        self.rows = 0
+        self._handle = open(self._tmp, "wb")
+        self._sink = _ChecksummingFile(self._handle)
+        self._writer = pa.ipc.new_file(pa.PythonFile(self._sink, mode="w"), arrow_schema(store.extra_columns),
+                                       options=pa.ipc.IpcWriteOptions(compression=_CODECS[store.compression],
+                                                                      use_threads=True))
+        self.rows, self._batches, self._group_ids = 0, [], []
+        self._reward_sum = self._length_sum = 0.0
 
     def write(self, records: Sequence[Trajectory]) -> None:
         for record in records:
             if record.iteration != self.iteration:
                 raise ValueError(f"trajectory {record.prompt_id!r} of iteration {record.iteration} written to "
                                  f"iteration {self.iteration}")
-        self._writer.write_table(to_table(records, self._store.extra_columns),
-                                 row_group_size=self._store.row_group_size)
+        table = to_table(records, self._store.extra_columns)
+        for batch in table.to_batches(max_chunksize=self._store.row_group_size):
+            self._writer.write_batch(batch)
+            self._batches.append(self._sink.segment(batch.num_rows))
         self.rows += len(records)
+        self._group_ids += [r.group_id for r in records]
+        self._reward_sum += sum(r.reward for r in records)
+        self._length_sum += sum(r.response_length for r in records)
 
     def commit(self) -> Path:
         self._writer.close()
-        with open(self._tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        index = {"schema_version": SCHEMA_VERSION, "rows": self.rows, "bytes": self._sink.position,
+                 "batches": [[b.offset, b.length, b.rows, b.crc32] for b in self._batches],
+                 "group_ids": self._group_ids, "reward_sum": self._reward_sum, "length_sum": self._length_sum}
+        # The index needs no fsync: publish copies it into the (durable) manifest, and an
+        # iteration cut by a machine crash before that is discarded. The data is fsynced above;
+        # publish makes the directory entries durable before the manifest.
+        atomic_write_text(self._store.index_path(self.iteration, self.rank), json.dumps(index), durable=False)
         os.replace(self._tmp, self.path)
-        fsync_dir(self.path.parent)
         return self.path
 
     def abort(self) -> None:
-        self._writer.close()
-        self._tmp.unlink(missing_ok=True)
+        try:
+            self._writer.close()
+        finally:
+            self._handle.close()
+            self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -113,8 +207,12 @@ class ShardWriter:
 class TrajectoryStore:
     """Read/write access to one store directory. Create or open one with ``open_store``."""
 
-    def __init__(self, root: Path, extra_columns: tuple[str, ...], row_group_size: int) -> None:
+    def __init__(self, root: Path, extra_columns: tuple[str, ...], row_group_size: int,
+                 compression: str = "zstd") -> None:
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression={compression!r} is not one of {', '.join(COMPRESSIONS)}")
         self.root, self.extra_columns, self.row_group_size = root, extra_columns, row_group_size
+        self.compression = compression
         # Published iterations are immutable; a cache entry is valid while its manifest file is
         # the same one (pruning and re-publishing an iteration number replaces the file).
         self._cache: dict[tuple, object] = {}
@@ -136,7 +234,10 @@ class TrajectoryStore:
         return self.root / f"iter_{iteration:08d}"
 
     def shard_path(self, iteration: int, rank: int) -> Path:
-        return self.iteration_dir(iteration) / f"shard_r{rank:05d}.parquet"
+        return self.iteration_dir(iteration) / f"shard_r{rank:05d}.arrow"
+
+    def index_path(self, iteration: int, rank: int) -> Path:
+        return self.iteration_dir(iteration) / f"shard_r{rank:05d}.index.json"
 
     def manifest_path(self, iteration: int) -> Path:
         return self.root / "manifests" / f"iter_{iteration:08d}.json"
@@ -164,7 +265,10 @@ class TrajectoryStore:
         if payload.get("schema_version") != SCHEMA_VERSION:
             raise StoreError(f"{path}: schema version {payload.get('schema_version')} but this code reads "
                              f"version {SCHEMA_VERSION}")
-        shards = tuple(ShardInfo(**shard) for shard in payload["shards"])
+        try:
+            shards = tuple(ShardInfo.from_json(shard) for shard in payload["shards"])
+        except (KeyError, TypeError) as error:
+            raise StoreError(f"{path}: corrupted manifest (bad shard entry: {error!r})") from None
         return IterationInfo(iteration=payload["iteration"], rows=payload["rows"], bytes=payload["bytes"],
                              mean_reward=payload["mean_reward"], mean_response_length=payload["mean_response_length"],
                              shards=shards)
@@ -190,88 +294,133 @@ class TrajectoryStore:
         if found != list(range(num_writers)):
             raise StoreError(f"cannot publish iteration {iteration}: expected shards of ranks 0..{num_writers - 1}, "
                              f"found ranks {found} in {directory}")
-        shards, rewards, lengths = [], [], []
+        shards, reward_sum, length_sum = [], 0.0, 0.0
         for rank in found:
-            path = self.shard_path(iteration, rank)
-            table = self._read_table(path, columns=["reward", "response_length"])
-            shards.append(ShardInfo(file=str(path.relative_to(self.root)), rank=rank, rows=table.num_rows,
-                                    bytes=path.stat().st_size))
-            rewards.append(table.column("reward").to_numpy())
-            lengths.append(table.column("response_length").to_numpy())
-        reward, length = np.concatenate(rewards), np.concatenate(lengths)
-        info = IterationInfo(iteration=iteration, rows=int(reward.size), bytes=sum(s.bytes for s in shards),
-                             mean_reward=float(reward.mean()) if reward.size else 0.0,
-                             mean_response_length=float(length.mean()) if length.size else 0.0, shards=tuple(shards))
-        _atomic_write_json(self.manifest_path(iteration), {"schema_version": SCHEMA_VERSION, **asdict(info)})
+            path, index_path = self.shard_path(iteration, rank), self.index_path(iteration, rank)
+            try:
+                index = json.loads(index_path.read_text())
+            except (FileNotFoundError, json.JSONDecodeError) as error:
+                raise StoreError(f"cannot publish iteration {iteration}: {index_path} is missing or corrupted "
+                                 f"({error})") from None
+            size = path.stat().st_size
+            if size != index["bytes"] or index.get("schema_version") != SCHEMA_VERSION:
+                raise StoreError(f"cannot publish iteration {iteration}: {path} has {size} bytes, schema version "
+                                 f"{index.get('schema_version')}; its index says {index['bytes']}, {SCHEMA_VERSION}")
+            shards.append(ShardInfo(file=str(path.relative_to(self.root)), rank=rank, rows=index["rows"], bytes=size,
+                                    batches=tuple(BatchInfo(*b) for b in index["batches"]),
+                                    group_ids=tuple(index["group_ids"])))
+            reward_sum, length_sum = reward_sum + index["reward_sum"], length_sum + index["length_sum"]
+        rows = sum(shard.rows for shard in shards)
+        info = IterationInfo(iteration=iteration, rows=rows, bytes=sum(s.bytes for s in shards),
+                             mean_reward=reward_sum / rows if rows else 0.0,
+                             mean_response_length=length_sum / rows if rows else 0.0, shards=tuple(shards))
+        fsync_dir(directory)  # every shard's rename is durable before the manifest is
+        payload = {"schema_version": SCHEMA_VERSION, "iteration": iteration, "rows": info.rows, "bytes": info.bytes,
+                   "mean_reward": info.mean_reward, "mean_response_length": info.mean_response_length,
+                   "shards": [shard.to_json() for shard in shards]}
+        _atomic_write_json(self.manifest_path(iteration), payload)
         return info
 
     # reading -----------------------------------------------------------------------------
-    def _parquet(self, path: Path) -> pq.ParquetFile:
+    def _check_schema(self, path: Path, head: bytes) -> pa.Schema:
+        """The shard's own schema (from its first bytes), checked against this store's."""
         try:
-            handle = pq.ParquetFile(path, page_checksum_verification=True)
-        except FileNotFoundError:
-            raise StoreError(f"{path}: shard listed in the manifest is missing") from None
-        except (pa.ArrowException, OSError) as error:
+            if len(head) < 16 or head[:6] != b"ARROW1":
+                raise ValueError("not an Arrow IPC file")
+            end = 16 + struct.unpack_from("<i", head, 12)[0]
+            if len(head) < end:
+                raise ValueError("schema message cut off")
+            schema = pa.ipc.read_schema(pa.py_buffer(head[8:end]))
+        except (pa.ArrowException, ValueError, struct.error) as error:
             raise StoreError(f"{path}: unreadable or corrupted shard ({error})") from None
-        metadata = handle.schema_arrow.metadata or {}
+        metadata = schema.metadata or {}
         version = metadata.get(b"remix.schema_version", b"?").decode()
         extra = json.loads(metadata.get(b"remix.extra_columns", b"null"))
         if version != str(SCHEMA_VERSION) or extra != list(self.extra_columns):
             raise StoreError(f"{path}: schema version {version} with extra columns {extra}; this store expects "
                              f"version {SCHEMA_VERSION} with {list(self.extra_columns)}")
-        return handle
+        expected = arrow_schema(self.extra_columns)
+        if not schema.equals(expected):
+            raise StoreError(f"{path}: columns {schema.names} / types differ from this store's schema")
+        return expected
 
-    def _read_table(self, path: Path, columns: list[str] | None = None, row_groups: list[int] | None = None,
-                    handle: pq.ParquetFile | None = None) -> pa.Table:
-        handle = handle or self._parquet(path)
+    def _decode(self, path: Path, schema: pa.Schema, index: int, batch: BatchInfo, data) -> pa.RecordBatch:
+        """One record batch from its bytes, after its CRC32 check."""
+        if len(data) != batch.length or zlib.crc32(data) != batch.crc32:
+            raise StoreError(f"{path}: unreadable or corrupted shard (record batch {index}, bytes {batch.offset}.."
+                             f"{batch.offset + batch.length}: checksum mismatch)")
         try:
-            if row_groups is None:
-                return handle.read(columns=columns)
-            return handle.read_row_groups(row_groups, columns=columns)
+            decoded = pa.ipc.read_record_batch(pa.ipc.read_message(pa.py_buffer(data)), schema)
         except (pa.ArrowException, OSError) as error:
-            raise StoreError(f"{path}: unreadable or corrupted shard ({error})") from None
+            raise StoreError(f"{path}: unreadable or corrupted shard (record batch {index}: {error})") from None
+        if decoded.num_rows != batch.rows:
+            raise StoreError(f"{path}: record batch {index} has {decoded.num_rows} rows, manifest says {batch.rows}")
+        return decoded
+
+    def _read_table(self, shard: ShardInfo, batch_indices: Sequence[int] | None = None) -> pa.Table:
+        """The shard's record batches (all, or ``batch_indices``), each verified against its checksum."""
+        path = self.root / shard.file
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise StoreError(f"{path}: shard listed in the manifest is missing") from None
+        try:
+            size = os.fstat(fd).st_size
+            if batch_indices is None:  # one sequential read of the whole file
+                data = memoryview(_pread_all(fd, size, 0))
+                schema = self._check_schema(path, data[: min(size, 1 << 16)].tobytes())
+                if size != shard.bytes:
+                    raise StoreError(f"{path}: unreadable or corrupted shard ({size} bytes, manifest says "
+                                     f"{shard.bytes}: truncated or replaced)")
+                chosen = list(enumerate(shard.batches))
+                regions = [data[b.offset:b.offset + b.length] for _, b in chosen]
+            else:
+                stat = os.fstat(fd)  # a shard's schema is checked once per file identity
+                key = ("schema", shard.file, stat.st_ino, stat.st_mtime_ns, size)
+                if key not in self._cache:
+                    self._cache[key] = self._check_schema(path, _pread_all(fd, min(size, 1 << 16), 0))
+                schema = self._cache[key]
+                if size != shard.bytes:
+                    raise StoreError(f"{path}: unreadable or corrupted shard ({size} bytes, manifest says "
+                                     f"{shard.bytes}: truncated or replaced)")
+                chosen = [(i, shard.batches[i]) for i in batch_indices]
+                regions = [_pread_all(fd, b.length, b.offset) for _, b in chosen]
+        finally:
+            os.close(fd)
+        batches = [self._decode(path, schema, i, b, region) for (i, b), region in zip(chosen, regions)]
+        return pa.Table.from_batches(batches, schema=schema)
 
     def read_iteration(self, iteration: int) -> list[Trajectory]:
         """Every record of a published iteration, shard by shard in rank order."""
         records: list[Trajectory] = []
         for shard in self.info(iteration).shards:
-            table = self._read_table(self.root / shard.file)
+            table = self._read_table(shard)
             if table.num_rows != shard.rows:
                 raise StoreError(f"{self.root / shard.file}: {table.num_rows} rows, manifest says {shard.rows}")
             records += from_table(table, self.extra_columns)
         return records
 
     def group_ids(self, iteration: int) -> list[np.ndarray]:
-        """The ``group_id`` column of each shard (reads that column only; cached)."""
-        return self._cached("group_ids", iteration, lambda: self._read_group_ids(iteration))
-
-    def _read_group_ids(self, iteration: int) -> list[np.ndarray]:
-        info = self.info(iteration)
-        out = []
-        for shard in info.shards:
-            column = self._read_table(self.root / shard.file, columns=["group_id"]).column("group_id").to_numpy()
-            if column.size != shard.rows:
-                raise StoreError(f"{self.root / shard.file}: {column.size} rows, manifest says {shard.rows}")
-            out.append(column)
-        return out
+        """The ``group_id`` of every row, per shard (from the manifest: no shard is read)."""
+        return self._cached("group_ids", iteration, lambda: [np.asarray(shard.group_ids, dtype=np.int64)
+                                                             for shard in self.info(iteration).shards])
 
     def read_rows(self, iteration: int, shard_index: int, rows: Sequence[int]) -> list[Trajectory]:
-        """Records at ``rows`` of one shard, reading only the row groups that hold them."""
+        """Records at ``rows`` of one shard, reading only the record batches that hold them."""
         shard = self.info(iteration).shards[shard_index]
-        path = self.root / shard.file
-        handle = self._parquet(path)
-        starts = np.cumsum([0] + [handle.metadata.row_group(i).num_rows for i in range(handle.num_row_groups)])
+        starts = np.cumsum([0] + [b.rows for b in shard.batches])
         rows_array = np.asarray(rows, dtype=np.int64)
         if rows_array.size and (rows_array.min() < 0 or rows_array.max() >= starts[-1]):
-            raise StoreError(f"{path}: rows {rows_array.min()}..{rows_array.max()} outside 0..{starts[-1] - 1}")
-        row_group_of = np.searchsorted(starts, rows_array, side="right") - 1
-        groups = sorted(set(row_group_of.tolist()))
-        table = self._read_table(path, row_groups=groups, handle=handle)
-        offsets, position = {}, 0  # where each selected row group starts in ``table``
-        for group in groups:
-            offsets[group] = position
-            position += int(starts[group + 1] - starts[group])
-        local = [offsets[g] + int(r - starts[g]) for r, g in zip(rows_array.tolist(), row_group_of.tolist())]
+            raise StoreError(f"{self.root / shard.file}: rows {rows_array.min()}..{rows_array.max()} outside "
+                             f"0..{starts[-1] - 1}")
+        batch_of = np.searchsorted(starts, rows_array, side="right") - 1
+        needed = sorted(set(batch_of.tolist()))
+        table = self._read_table(shard, needed)
+        offsets, position = {}, 0  # where each selected batch starts in ``table``
+        for index in needed:
+            offsets[index] = position
+            position += int(starts[index + 1] - starts[index])
+        local = [offsets[g] + int(r - starts[g]) for r, g in zip(rows_array.tolist(), batch_of.tolist())]
         return from_table(table.take(pa.array(local, pa.int64())), self.extra_columns)
 
     # retention ---------------------------------------------------------------------------
@@ -309,20 +458,29 @@ class TrajectoryStore:
         return removed
 
     def verify(self) -> list[str]:
-        """Read every published shard completely (page checksums on); returns the problems found."""
+        """Read every published shard completely (every batch checksum); returns the problems found."""
         problems = []
         for iteration in self.iterations():
             try:
-                info = self.info(iteration)
-                for shard in info.shards:
-                    path = self.root / shard.file
-                    table = self._read_table(path)
-                    if table.num_rows != shard.rows or path.stat().st_size != shard.bytes:
-                        problems.append(f"{path}: {table.num_rows} rows / {path.stat().st_size} bytes, manifest says "
-                                        f"{shard.rows} / {shard.bytes}")
+                for shard in self.info(iteration).shards:
+                    rows = self._read_table(shard).num_rows
+                    if rows != shard.rows:
+                        problems.append(f"{self.root / shard.file}: {rows} rows, manifest says {shard.rows}")
             except StoreError as error:
                 problems.append(str(error))
         return problems
+
+
+def _pread_all(fd: int, length: int, offset: int) -> bytes:
+    """Exactly ``length`` bytes at ``offset`` (fewer only at the end of the file)."""
+    parts, done = [], 0
+    while done < length:
+        part = os.pread(fd, length - done, offset + done)
+        if not part:
+            break
+        parts.append(part)
+        done += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _ranges(values: list[int]) -> str:
@@ -332,7 +490,7 @@ def _ranges(values: list[int]) -> str:
 
 
 def open_store(root: str | os.PathLike, *, extra_columns: Sequence[str] | None = None, create: bool = False,
-               cleanup: bool = False, row_group_size: int = 16) -> TrajectoryStore:
+               cleanup: bool = False, row_group_size: int = 16, compression: str = "zstd") -> TrajectoryStore:
     """Open (or with ``create=True`` create) a store.
 
     ``extra_columns`` must match the store's declared ones when given. ``cleanup=True``
@@ -344,7 +502,7 @@ def open_store(root: str | os.PathLike, *, extra_columns: Sequence[str] | None =
         if not create:
             raise StoreError(f"{root} is not a trajectory store (no STORE.json)")
         (root / "manifests").mkdir(parents=True, exist_ok=True)
-        _atomic_write_json(meta, {"format": FORMAT, "schema_version": SCHEMA_VERSION,
+        _atomic_write_json(meta, {"format": FORMAT, "layout_version": LAYOUT_VERSION, "schema_version": SCHEMA_VERSION,
                                   "extra_columns": list(extra_columns or ())})
     try:
         payload = json.loads(meta.read_text())
@@ -353,11 +511,14 @@ def open_store(root: str | os.PathLike, *, extra_columns: Sequence[str] | None =
     if payload.get("format") != FORMAT or payload.get("schema_version") != SCHEMA_VERSION:
         raise StoreError(f"{meta}: format {payload.get('format')!r} version {payload.get('schema_version')}; "
                          f"this code reads {FORMAT!r} version {SCHEMA_VERSION}")
+    if payload.get("layout_version", 1) != LAYOUT_VERSION:
+        raise StoreError(f"{meta}: layout version {payload.get('layout_version', 1)} (1 = Parquet shards); this code "
+                         f"reads layout {LAYOUT_VERSION} (Arrow IPC shards): write a new store")
     declared = tuple(payload["extra_columns"])
     if extra_columns is not None and tuple(extra_columns) != declared:
         raise StoreError(f"{root} declares extra columns {list(declared)}, asked for {list(extra_columns)}")
     (root / "manifests").mkdir(exist_ok=True)
-    store = TrajectoryStore(root, declared, row_group_size)
+    store = TrajectoryStore(root, declared, row_group_size, compression)
     if cleanup:
         store.cleanup_partial()
     return store

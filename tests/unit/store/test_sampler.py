@@ -6,7 +6,6 @@ import logging
 from collections import Counter
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from remix_megatron.store import MixedSampler, open_store
@@ -101,19 +100,20 @@ def test_shortage_policies(tmp_path, caplog):
 
 
 def test_reads_only_the_rows_it_needs(tmp_path, monkeypatch):
+    from remix_megatron.store import store as store_module
+
     store = build_store(tmp_path / "s", iterations=range(4), groups=400, shards=2, row_group_size=8)
     rows_read = []
-    original = pq.ParquetFile.read_row_groups
+    original = store_module.TrajectoryStore._decode
 
-    def spy(self, groups, **kwargs):
-        table = original(self, groups, **kwargs)
-        rows_read.append(table.num_rows)
-        return table
+    def spy(self, path, schema, index, batch, data):
+        rows_read.append(batch.rows)
+        return original(self, path, schema, index, batch, data)
 
-    monkeypatch.setattr(pq.ParquetFile, "read_row_groups", spy)
+    monkeypatch.setattr(store_module.TrajectoryStore, "_decode", spy)
     batch = MixedSampler(groups_per_step=16, window=2).sample(store, 3, 0.5)
     assert len(batch.trajectories) == 16
-    assert sum(rows_read) <= 16 * 8  # at most one row group per sampled row, far below the 1,600 stored
+    assert sum(rows_read) <= 16 * 8  # at most one batch per sampled row, far below the 1,600 stored
 
 
 def test_invalid_settings():

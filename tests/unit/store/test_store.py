@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from remix_megatron.store import StoreError, Trajectory, open_store
@@ -80,7 +79,7 @@ def test_prune_truncate_and_partial_cleanup(tmp_path):
         store.publish(k, 1)
     store.write_shard(6, 0, make_records(6, 3))  # partial: never published
     (store.iteration_dir(7)).mkdir()
-    (store.iteration_dir(7) / "shard_r00000.parquet.123.tmp").write_bytes(b"half a shard")
+    (store.iteration_dir(7) / "shard_r00000.arrow.123.tmp").write_bytes(b"half a shard")
     assert store.prune(keep_last=3) == [0, 1, 2]
     assert store.iterations() == [3, 4, 5] and not store.iteration_dir(0).exists()
     assert store.iteration_dir(6).exists()  # prune never touches an unpublished iteration
@@ -92,20 +91,66 @@ def test_prune_truncate_and_partial_cleanup(tmp_path):
     assert same_records(writer.read_iteration(4), make_records(4, 3))
 
 
-def test_read_rows_touches_only_needed_row_groups(tmp_path, monkeypatch):
+def test_read_rows_touches_only_needed_batches(tmp_path, monkeypatch):
+    from remix_megatron.store import store as store_module
+
     store = open_store(tmp_path / "s", create=True, row_group_size=4)
     records = make_records(0, 40)
     store.write_shard(0, 0, records)
     store.publish(0, 1)
-    asked = []
-    original = pq.ParquetFile.read_row_groups
-    monkeypatch.setattr(pq.ParquetFile, "read_row_groups",
-                        lambda self, groups, **kw: asked.append(list(groups)) or original(self, groups, **kw))
+    decoded, read = [], []
+    original_decode, original_pread = store_module.TrajectoryStore._decode, store_module._pread_all
+    monkeypatch.setattr(store_module.TrajectoryStore, "_decode",
+                        lambda self, path, schema, index, *a: decoded.append(index) or original_decode(
+                            self, path, schema, index, *a))
+    monkeypatch.setattr(store_module, "_pread_all",
+                        lambda fd, length, offset: read.append(length) or original_pread(fd, length, offset))
     rows = [37, 1, 9, 2]
     assert same_records(store.read_rows(0, 0, rows), [records[r] for r in rows])
-    assert asked == [[0, 2, 9]]
+    assert decoded == [0, 2, 9]  # rows 1-2 in batch 0, 9 in batch 2, 37 in batch 9 (4 rows each)
+    shard = store.info(0).shards[0]
+    head = min(shard.bytes, 1 << 16)  # the schema check, once per shard file
+    assert sum(read) == head + sum(shard.batches[i].length for i in (0, 2, 9)) < shard.bytes + head
+    read.clear()
+    store.read_rows(0, 0, [38])
+    assert read == [shard.batches[9].length]  # the schema is not read again
     with pytest.raises(StoreError, match="outside 0..39"):
         store.read_rows(0, 0, [40])
+
+
+def test_shards_are_plain_arrow_ipc_with_checksummed_batches(tmp_path):
+    import zlib
+
+    import pyarrow as pa
+
+    store = open_store(tmp_path / "s", create=True, row_group_size=8)
+    records = make_records(2, 20)
+    store.write_shard(2, 0, records)
+    info = store.publish(2, 1)
+    shard = info.shards[0]
+    assert [b.rows for b in shard.batches] == [8, 8, 4] and list(shard.group_ids) == [r.group_id for r in records]
+    data = store.shard_path(2, 0).read_bytes()
+    assert [zlib.crc32(data[b.offset:b.offset + b.length]) for b in shard.batches] == [b.crc32 for b in shard.batches]
+    table = pa.ipc.open_file(store.shard_path(2, 0)).read_all()  # any Arrow reader opens a shard
+    assert table.num_rows == 20 and table.column("prompt_id").to_pylist() == [r.prompt_id for r in records]
+
+
+def test_a_flipped_bit_in_any_batch_is_caught(tmp_path):
+    store = open_store(tmp_path / "s", create=True, row_group_size=4)
+    store.write_shard(0, 0, make_records(0, 12))
+    shard = store.publish(0, 1).shards[0]
+    path = store.shard_path(0, 0)
+    clean = path.read_bytes()
+    for index, batch in enumerate(shard.batches):
+        data = bytearray(clean)
+        data[batch.offset + batch.length - 3] ^= 0x01  # the body's last bytes: a silent value change
+        path.write_bytes(bytes(data))
+        with pytest.raises(StoreError, match=f"record batch {index}.*checksum mismatch"):
+            store.read_iteration(0)
+        with pytest.raises(StoreError, match=f"record batch {index}.*checksum mismatch"):
+            store.read_rows(0, 0, [4 * index])
+    path.write_bytes(clean)
+    assert store.verify() == []
 
 
 def _published(tmp_path):
