@@ -1,9 +1,10 @@
-"""A real sweep: two tiny ReMix-PPO runs (1 iteration each, one process) launched through torchrun,
-then aggregated; re-running the sweep skips the finished points."""
+"""A real sweep of two points: one tiny ReMix-PPO run (1 iteration, one process) launched through
+launch/torchrun.sh, one point already finished (hand-written metrics, skipped), both aggregated."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -36,15 +37,20 @@ def test_tiny_sweep_runs_and_aggregates(tmp_path):
         "overrides": [f"model.hf_path={tiny}", f"data.train_path={tiny}/train.jsonl", "rollout.prompts_per_step=32",
                       "data.eval_interval=0", "trainer.num_steps=1", "trainer.save_interval=-1"],
         "metrics": ["reward_mean", "response_length"]}))
+    finished = out / "off_policy_portion-0.4"
+    finished.mkdir(parents=True)
+    (finished / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "rollouts_total": 16, "reward_mean": 0.25,
+                                                        "response_length": 30.0}) + "\n")
     stdout = sweep(path)
+    assert "[off_policy_portion-0.4] finished earlier: skipped" in stdout
     with open(out / "summary.csv") as handle:
         rows = {row["point"]: row for row in csv.DictReader(handle)}
-    # fresh prompts of the first iteration (nothing to replay yet): floor((1 - p) * 32 / 8) * 8
-    assert rows["off_policy_portion-0.2"]["rollouts_total"] == "24"
-    assert rows["off_policy_portion-0.4"]["rollouts_total"] == "16"
-    for row in rows.values():
-        assert row["iterations"] == "1" and 0.0 <= float(row["reward_mean"]) <= 1.0
-        assert float(row["response_length"]) > 0
-    assert (out / "sweep.png").stat().st_size > 5000 and (out / "off_policy_portion-0.4" / "config.yaml").is_file()
+    ran = rows["off_policy_portion-0.2"]
+    # fresh prompts of the first iteration (nothing to replay yet): floor((1 - 0.2) * 32 / 8) * 8 = 24
+    assert ran["rollouts_total"] == "24" and ran["iterations"] == "1"
+    assert 0.0 <= float(ran["reward_mean"]) <= 1.0 and float(ran["response_length"]) > 0
+    assert rows["off_policy_portion-0.4"] == {"point": "off_policy_portion-0.4", "algorithm.off_policy_portion": "0.4",
+                                              "iterations": "1", "rollouts_total": "16", "reward_mean": "0.25",
+                                              "response_length": "30.0"}
+    assert (out / "sweep.png").stat().st_size > 5000 and (out / "off_policy_portion-0.2" / "config.yaml").is_file()
     assert "| off_policy_portion-0.2 | 0.2 | 1 | 24 |" in stdout
-    assert sweep(path).count("finished earlier: skipped") == 2
