@@ -136,7 +136,8 @@ def layer_parameters(model: ModelConfig, tp: int) -> int:
     h, d, ffn = model.hidden_size, model.head_dim, model.ffn_hidden_size
     qkv_out = (model.num_attention_heads + 2 * model.num_query_groups) * d
     norms = 2 * h  # input and pre-MLP RMSNorm weights
-    attention = qkv_out * h // tp + (qkv_out // tp if model.add_qkv_bias else 0) + h * model.num_attention_heads * d // tp
+    qkv_bias = qkv_out // tp if model.add_qkv_bias else 0
+    attention = qkv_out * h // tp + qkv_bias + h * model.num_attention_heads * d // tp  # QKV and output projection
     mlp = 2 * ffn * h // tp + ffn * h // tp  # fused gate/up (fc1) and down (fc2), no biases
     return norms + attention + mlp
 

@@ -47,7 +47,8 @@ def stubs(tmp_path) -> Path:
     return bin_dir
 
 
-def run(script: Path, args: list[str], env: dict, stubs: Path, *, without: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def run(script: Path, args: list[str], env: dict, stubs: Path, *,
+        without: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     for name in without:
         (stubs / name).unlink()
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in (

@@ -62,7 +62,8 @@ def test_local_dry_run_prints_torchrun_commands(tmp_path, capsys):
     assert main(["sweep", str(sweep_file(tmp_path, nproc_per_node=2)), "trainer.num_steps=2", "--dry-run"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     assert len(lines) == 4
-    assert lines[0] == (f"[off_policy_portion-0.2_utd-1] bash {LAUNCH_DIR}/torchrun.sh train configs/tiny_remix_ppo.yaml "
+    assert lines[0] == (f"[off_policy_portion-0.2_utd-1] bash {LAUNCH_DIR}/torchrun.sh train "
+                        "configs/tiny_remix_ppo.yaml "
                         f"algorithm.off_policy_portion=0.2 algorithm.utd=1 trainer.num_steps=2 "
                         f"trainer.run_dir={tmp_path}/out/off_policy_portion-0.2_utd-1")
     assert not (tmp_path / "out").exists()
@@ -71,7 +72,8 @@ def test_local_dry_run_prints_torchrun_commands(tmp_path, capsys):
 def test_slurm_submits_one_job_per_point(tmp_path, monkeypatch, capsys):
     stub = tmp_path / "bin" / "sbatch"
     stub.parent.mkdir()
-    stub.write_text('#!/usr/bin/env bash\necho "$*" >> "$SBATCH_LOG"\necho "Submitted batch job $((4000 + $(wc -l < "$SBATCH_LOG")))"\n')
+    stub.write_text('#!/usr/bin/env bash\necho "$*" >> "$SBATCH_LOG"\n'
+                    'echo "Submitted batch job $((4000 + $(wc -l < "$SBATCH_LOG")))"\n')
     stub.chmod(0o755)
     monkeypatch.setenv("PATH", f"{stub.parent}:{os.environ['PATH']}")
     monkeypatch.setenv("SBATCH_LOG", str(tmp_path / "sbatch.log"))
