@@ -17,6 +17,7 @@ log-probs are computed, and then it takes pi_k's weights (before the updates) fo
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,13 +92,17 @@ def _build_models(cfg: ExperimentConfig, state: ParallelState) -> Models:
 # ------------------------------------------------------------------------------ batching
 
 
-def _pack(records: list[Trajectory], seq_length: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``[b, seq]`` tensors; position t predicts labels[t] = tokens[t+1].
+def _pack(records: list[Trajectory], seq_length: int, pad_id: int, multiple: int = 8) -> dict[str, torch.Tensor]:
+    """Right-padded ``[b, width]`` tensors; position t predicts labels[t] = tokens[t+1].
 
     A response token at sequence position j is predicted at position j-1: that is where its
-    loss mask, behaviour log-prob, stored value and (for the last one) reward go.
+    loss mask, behaviour log-prob, stored value and (for the last one) reward go. ``width``
+    is the longest record's length rounded up to ``multiple``, at most ``seq_length``: a
+    batch of short responses costs no compute for the padding of the longest possible one.
     """
     b = len(records)
+    longest = max((r.prompt_tokens.size + r.response_length - 1 for r in records), default=1)
+    seq_length = min(seq_length, -(-longest // multiple) * multiple)
     tokens = torch.full((b, seq_length + 1), pad_id, dtype=torch.long)
     fields = {name: torch.zeros(b, seq_length) for name in ("mask", "behaviour", "old_values", "rewards")}
     for row, record in enumerate(records):
@@ -114,6 +119,11 @@ def _pack(records: list[Trajectory], seq_length: int, pad_id: int) -> dict[str, 
             fields["old_values"][row, span] = torch.from_numpy(record.values[:kept])
         fields["rewards"][row, start + kept - 1] = record.reward
     return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(), **fields}
+
+
+def _pack_multiple(state: ParallelState) -> int:
+    """Packed widths are multiples of 8 and of TP (sequence parallelism splits the sequence over TP)."""
+    return math.lcm(8, state.tensor_parallel)
 
 
 def _micro_batches(packed: dict, size: int, actor: ActorLossInputs | None = None,
@@ -172,7 +182,7 @@ def _behaviour_and_values(records: list[Trajectory], models: Models, cfg: Experi
     if not records:
         return [], ([] if models.critic is not None else None)
     padded, _ = _pad_rows(records, cfg.trainer.micro_batch_size)
-    packed = _pack(padded, cfg.trainer.seq_length, pad_id=0)
+    packed = _pack(padded, cfg.trainer.seq_length, pad_id=0, multiple=_pack_multiple(state))
     batches = _micro_batches(packed, cfg.trainer.micro_batch_size)
     logprobs, _ = forward_logprobs(models.actor.chunks, batches, state)
     values = forward_values(models.critic.chunks, batches, state) if models.critic is not None else None
@@ -228,7 +238,7 @@ def _training_batches(batch, cfg: ExperimentConfig, state: ParallelState, models
     """pi_k / ref / prev log-probs, values and advantages for this rank's mixed batch."""
     records, real = _pad_rows(batch.trajectories, cfg.trainer.micro_batch_size)
     ages = torch.from_numpy(np.concatenate([batch.ages, np.full(len(records) - real, batch.ages[-1])]))
-    packed = _pack(records, cfg.trainer.seq_length, pad_id=0)
+    packed = _pack(records, cfg.trainer.seq_length, pad_id=0, multiple=_pack_multiple(state))
     packed["mask"][real:] = 0.0
     plain = _micro_batches(packed, cfg.trainer.micro_batch_size)
     pik, _ = forward_logprobs(models.actor.chunks, plain, state)
