@@ -11,7 +11,7 @@
 # the rendezvous (default: SLURM_JOB_ID, else "remix"); PYTHON the interpreter (default: the
 # repository's .venv). Example, two nodes with 8 GPUs each, run on each node:
 #   NNODES=2 NODE_RANK=<0|1> MASTER_ADDR=node01 NPROC_PER_NODE=8 \
-#       launch/multinode.sh train configs/r1_distill_qwen_32b_remix_ppo.yaml
+#       launch/multinode.sh train configs/scale_32b_remix_ppo.yaml
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 python="${PYTHON:-$repo/.venv/bin/python}"
