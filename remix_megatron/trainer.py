@@ -21,6 +21,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -131,10 +132,26 @@ def _micro_batches(packed: dict, size: int, actor: ActorLossInputs | None = None
     return split_micro_batches(packed["tokens"], packed["labels"], size, actor=actor, critic=critic)
 
 
-def _pad_rows(records: list, multiple: int) -> tuple[list, int]:
-    """Repeat the last record until the count is a multiple (the copies are masked out)."""
+def _pad_rows(records: list, multiple: int, minimum: int = 0) -> tuple[list, int]:
+    """Repeat the last record until the count is a multiple, and at least ``minimum`` (the copies are masked out)."""
     real = len(records)
-    return records + [records[-1]] * (-real % multiple), real
+    target = max(real + (-real % multiple), minimum)
+    return records + [records[-1]] * (target - real), real
+
+
+def _minibatch_steps(local_rows: int, cfg: ExperimentConfig, state: ParallelState) -> int:
+    """Optimizer steps per UTD pass: the whole (all-rank) batch in minibatches of ``trainer.global_batch_size``."""
+    total = torch.tensor([local_rows], dtype=torch.int64)
+    dist.all_reduce(total, group=state.dp_group)
+    return max(1, math.ceil(int(total.item()) / cfg.trainer.global_batch_size))
+
+
+def _minibatches(micro_batches: list, steps: int, seed: Sequence[int]) -> list[list]:
+    """The micro-batches in a seeded random order, cut into ``steps`` nearly equal minibatches."""
+    order = np.random.default_rng(list(seed)).permutation(len(micro_batches)) if steps > 1 else range(len(micro_batches))
+    shuffled = [micro_batches[i] for i in order]
+    bounds = np.linspace(0, len(shuffled), steps + 1).round().astype(int)
+    return [shuffled[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _global_whiten(advantages: torch.Tensor, mask: torch.Tensor, state: ParallelState) -> torch.Tensor:
@@ -234,10 +251,14 @@ def _rollout(k: int, prompts, cfg: ExperimentConfig, state: ParallelState, engin
 # ------------------------------------------------------------------------------ training batch
 
 
-def _training_batches(batch, cfg: ExperimentConfig, state: ParallelState, models: Models):
-    """pi_k / ref / prev log-probs, values and advantages for this rank's mixed batch."""
-    records, real = _pad_rows(batch.trajectories, cfg.trainer.micro_batch_size)
-    ages = torch.from_numpy(np.concatenate([batch.ages, np.full(len(records) - real, batch.ages[-1])]))
+def _training_batches(k: int, batch, cfg: ExperimentConfig, state: ParallelState, models: Models):
+    """pi_k / ref / prev log-probs, values and advantages for this rank's mixed batch, and the
+    number of minibatch steps per UTD pass (rows are shuffled once, so minibatches mix ages)."""
+    steps = _minibatch_steps(len(batch.trajectories), cfg, state)
+    order = np.random.default_rng([cfg.trainer.seed, k, state.dp_rank]).permutation(len(batch.trajectories))
+    micro = cfg.trainer.micro_batch_size
+    records, real = _pad_rows([batch.trajectories[i] for i in order], micro, minimum=steps * micro)
+    ages = torch.from_numpy(np.concatenate([batch.ages[order], np.full(len(records) - real, batch.ages[order][-1])]))
     packed = _pack(records, cfg.trainer.seq_length, pad_id=0, multiple=_pack_multiple(state))
     packed["mask"][real:] = 0.0
     plain = _micro_batches(packed, cfg.trainer.micro_batch_size)
@@ -271,37 +292,45 @@ def _training_batches(batch, cfg: ExperimentConfig, state: ParallelState, models
     if models.critic is not None and returns is not None:
         targets = CriticTargets(loss_mask=packed["mask"], old_values=packed["old_values"], returns=returns.float())
         critic_batches = _micro_batches(packed, cfg.trainer.micro_batch_size, critic=targets)
-    return actor_batches, critic_batches
+    return actor_batches, critic_batches, steps
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had NaN/inf gradients."""
 
 
-def _update(model, batches, builder, state, counters: dict, limit: int, name: str, *, apply: bool = True
-            ) -> dict[str, float]:
-    """One optimizer step; a step with non-finite gradients is skipped, and ``limit`` in a row stop the run.
+def _update(model, minibatches: list[list], builder, state, counters: dict, limit: int, name: str, *,
+            apply: bool = True) -> dict[str, float]:
+    """One optimizer step per minibatch; a step with non-finite gradients is skipped, and ``limit``
+    in a row stop the run. Returns the pass's metrics (merged over its minibatches).
 
     ``apply=False`` (the no_update control) computes losses and gradients and discards them.
     """
-    model.zero_grad()
-    logs = run_pipeline(model.chunks, batches, builder, state, forward_only=False)
-    if not apply:
+    logs, norms, skipped = [], [], 0
+    for batches in minibatches:
         model.zero_grad()
-        return {**reduce_metrics(logs, state), "grad_norm": 0.0, "step_skipped": 1.0}
-    applied, grad_norm = model.step()
+        logs += run_pipeline(model.chunks, batches, builder, state, forward_only=False)
+        if not apply:
+            model.zero_grad()
+            skipped += 1
+            continue
+        applied, grad_norm = model.step()
+        norms.append(float(grad_norm if grad_norm is not None else 0.0))
+        key = f"skipped_in_a_row/{name}"
+        counters[key] = 0 if applied else counters.get(key, 0) + 1
+        if counters[key]:
+            skipped += 1
+            counters["skipped_total"] = counters.get("skipped_total", 0) + 1
+            if state.rank == 0:
+                print(f"warning: {name} step skipped: non-finite gradients ({counters[key]} in a row)", flush=True)
+        if counters[key] >= limit:
+            raise NonFiniteLossError(f"{limit} {name} optimizer steps in a row had NaN/inf gradients "
+                                     f"(trainer.max_skipped_steps={limit}); stopping. The last checkpoint is intact: "
+                                     "lower the learning rate or check the data, then resume.")
     metrics = reduce_metrics(logs, state)
-    metrics.update(grad_norm=float(grad_norm if grad_norm is not None else 0.0), step_skipped=float(not applied))
-    key = f"skipped_in_a_row/{name}"
-    counters[key] = 0 if applied else counters.get(key, 0) + 1
-    if counters[key]:
-        counters["skipped_total"] = counters.get("skipped_total", 0) + 1
-        if state.rank == 0:
-            print(f"warning: {name} step skipped: non-finite gradients ({counters[key]} in a row)", flush=True)
-    if counters[key] >= limit:
-        raise NonFiniteLossError(f"{limit} {name} optimizer steps in a row had NaN/inf gradients "
-                                 f"(trainer.max_skipped_steps={limit}); stopping. The last checkpoint is intact: "
-                                 "lower the learning rate or check the data, then resume.")
+    finite = [n for n in norms if n == n]
+    metrics.update(grad_norm=sum(finite) / len(finite) if finite else (float("nan") if norms else 0.0),
+                   step_skipped=float(skipped), optimizer_steps=float(len(minibatches)))
     return metrics
 
 
@@ -500,15 +529,18 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
     lap("store")
     batch = sampler.sample(store, k, current.off_policy_portion, dp_rank=state.dp_rank, dp_size=state.data_parallel)
     weight = kl_lambda(k, cfg.algorithm)
-    actor_batches, critic_batches = _training_batches(batch, cfg, state, models)
+    actor_batches, critic_batches, steps = _training_batches(k, batch, cfg, state, models)
     lap("logprobs")
     builder = actor_loss_builder(cfg.algorithm, state, kl_lambda=weight)
     limit = cfg.trainer.max_skipped_steps
     apply = cfg.trainer.control != "no_update"
-    for _ in range(current.utd):
-        actor_metrics = _update(models.actor, actor_batches, builder, state, counters, limit, "actor", apply=apply)
-        critic_metrics = _update(models.critic, critic_batches, critic_loss_builder(cfg.algorithm), state, counters,
-                                 limit, "critic", apply=apply) if critic_batches is not None else {}
+    for utd_pass in range(current.utd):  # each pass: every minibatch once, in a fresh order
+        seed = (cfg.trainer.seed, k, utd_pass, state.dp_rank)
+        actor_metrics = _update(models.actor, _minibatches(actor_batches, steps, seed), builder, state, counters,
+                                limit, "actor", apply=apply)
+        critic_metrics = _update(models.critic, _minibatches(critic_batches, steps, seed),
+                                 critic_loss_builder(cfg.algorithm), state, counters, limit, "critic",
+                                 apply=apply) if critic_batches is not None else {}
     lap("update")
     stats = _rollout_stats(result, state)
     counters["rollouts"] += stats["rollouts"]
