@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from remix_megatron.algorithms import ADVANTAGE_ESTIMATORS, ActorLossInputs, AdvantageInputs, check_algorithm_names
-from remix_megatron.algorithms import fresh_prompts, kl_lambda, phase
+from remix_megatron.algorithms import fresh_prompts, kl_lambda, learning_rate, phase
 from remix_megatron.algorithms.advantages import grpo_advantages
 from remix_megatron.algorithms.megatron_adapter import (
     CriticTargets, MicroBatch, actor_loss_builder, critic_loss_builder, forward_logprobs, forward_values,
@@ -534,6 +534,9 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
     builder = actor_loss_builder(cfg.algorithm, state, kl_lambda=weight)
     limit = cfg.trainer.max_skipped_steps
     apply = cfg.trainer.control != "no_update"
+    for model, optim in ((models.actor, cfg.actor_optimizer), (models.critic, cfg.critic_optimizer)):
+        if model is not None:
+            model.set_lr(learning_rate(k, cfg.trainer.num_steps, optim.lr, optim.lr_decay, optim.min_lr_ratio))
     for utd_pass in range(current.utd):  # each pass: every minibatch once, in a fresh order
         seed = (cfg.trainer.seed, k, utd_pass, state.dp_rank)
         actor_metrics = _update(models.actor, _minibatches(actor_batches, steps, seed), builder, state, counters,
@@ -545,7 +548,7 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
     stats = _rollout_stats(result, state)
     counters["rollouts"] += stats["rollouts"]
     record = {"iteration": k, "rollouts_total": counters["rollouts"], "reincarnated": current.reincarnated,
-              "off_policy_portion": current.off_policy_portion, "utd": current.utd, "kl_lambda": weight,
+              "off_policy_portion": current.off_policy_portion, "utd": current.utd, "kl_lambda": weight, "actor/lr": models.actor.optimizer.param_groups[0]["lr"],
               "replayed_groups": batch.plan.num_replayed, "fresh_groups": batch.plan.num_fresh, **stats,
               **{f"actor/{key}": value for key, value in actor_metrics.items()},
               **{f"critic/{key}": value for key, value in critic_metrics.items()}, **times}

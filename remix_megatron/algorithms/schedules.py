@@ -48,6 +48,18 @@ def phase(step: int, cfg: AlgorithmConfig) -> Phase:
     return Phase(reincarnated=False, reset_reference=False, off_policy_portion=cfg.off_policy_portion, utd=cfg.utd)
 
 
+def learning_rate(step: int, num_steps: int, lr: float, decay: str, min_lr_ratio: float = 0.0) -> float:
+    """The learning rate of iteration ``step`` (1-based) of ``num_steps``: constant, or linear
+    from ``lr`` at step 1 to ``lr * min_lr_ratio`` at the last step."""
+    _check_step(step)
+    if decay == "constant" or num_steps <= 1:
+        return lr
+    if decay != "linear":
+        raise ValueError(f"lr decay {decay!r} is not constant or linear")
+    progress = min(step - 1, num_steps - 1) / (num_steps - 1)
+    return lr * (1.0 - (1.0 - min_lr_ratio) * progress)
+
+
 def fresh_prompts(prompts_per_step: int, off_policy_portion: float, multiple_of: int) -> int:
     """Fresh prompts of a ``prompts_per_step`` batch; the rest is replayed."""
     if off_policy_portion == 0:

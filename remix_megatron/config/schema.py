@@ -118,7 +118,7 @@ class ParallelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class OptimizerConfig:
-    """Adam(W) through Megatron's optimizer (constant learning rate, as in the paper)."""
+    """Adam(W) through Megatron's optimizer (constant learning rate by default, as in the paper)."""
 
     lr: float = doc("learning rate")
     weight_decay: float = doc("decoupled weight decay", 0.0)
@@ -126,9 +126,14 @@ class OptimizerConfig:
     adam_beta2: float = doc("Adam beta2", 0.999)
     adam_eps: float = doc("Adam epsilon", 1e-8)
     clip_grad: float = doc("global gradient-norm clip; 0 disables", 1.0)
+    lr_decay: str = doc("constant (the paper) | linear: lr at the first iteration down to lr * min_lr_ratio at the "
+                        "last", "constant")
+    min_lr_ratio: float = doc("lr_decay=linear: final learning rate as a fraction of lr", 0.0)
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, f"optimizer lr={self.lr} must be > 0")
+        _require_choice("optimizer lr_decay", self.lr_decay, ("constant", "linear"))
+        _require(0 <= self.min_lr_ratio <= 1, f"optimizer min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
         _require(self.weight_decay >= 0, f"optimizer weight_decay={self.weight_decay} must be >= 0")
         _require(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
                  f"optimizer betas ({self.adam_beta1}, {self.adam_beta2}) must lie in [0, 1)")

@@ -59,6 +59,11 @@ class TrainableModel:
         raise KeyError(f"no optimizer state for this parameter (bf16 or distributed optimizers keep it on "
                        f"main-param copies)")
 
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next steps (every parameter group)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
     def unwrapped(self) -> list[torch.nn.Module]:
         """The bare GPTModel chunks inside the DDP wrappers."""
         return [chunk.module for chunk in self.chunks]

@@ -23,7 +23,7 @@ def test_main_job_improves_accuracy(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     accuracy = [r["eval_accuracy"] for r in records if "eval_accuracy" in r]
     assert accuracy[-1] - accuracy[0] >= 0.20, accuracy
-    assert records[-1]["iteration"] == 120 and records[-1]["reincarnated"]
-    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "latest").read_text() == "iter_0000120"
+    assert records[-1]["iteration"] == 200 and records[-1]["reincarnated"]
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "latest").read_text() == "iter_0000200"
     assert (run / "hf_actor" / "config.json").is_file() and (run / "hf_actor" / "tokenizer.json").is_file()
     assert "held-out accuracy" in out and (run / "accuracy.png").is_file()

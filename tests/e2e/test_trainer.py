@@ -86,7 +86,8 @@ def test_wandb_offline_plots_and_periodic_benchmarks(tiny_dir, tmp_path):
     out = run_cli(["train", "configs/tiny_remix_ppo.yaml", *overrides(tiny_dir, run, 2), "trainer.wandb_project=tiny",
                    "trainer.save_interval=-1", "data.eval_benchmarks=math500,aime24", "data.eval_benchmark_size=6",
                    f"data.benchmark_dir={data}", "data.overlong=truncate", "data.eval_samples=2",
-                   "trainer.global_batch_size=16"]).stdout
+                   "trainer.global_batch_size=16", "actor_optimizer.lr_decay=linear",
+                   "actor_optimizer.min_lr_ratio=0.5"]).stdout
     assert "wandb (offline) run directory:" in out
     assert list((run / "wandb").glob("offline-run-*"))
     for name in ("accuracy.png", "reward.png", "importance_ratio.png", "response_length.png", "self_reflection.png",
@@ -94,6 +95,7 @@ def test_wandb_offline_plots_and_periodic_benchmarks(tiny_dir, tmp_path):
         assert (run / name).stat().st_size > 1000, name
     # minibatches of 16: iteration 1 trains on 16 fresh rows (1 step per UTD pass), iteration 2 on 16 + 16 replayed (2)
     assert [(r["actor/optimizer_steps"], r["critic/optimizer_steps"]) for r in metrics(run)[1:]] == [(1, 1), (2, 2)]
+    assert [r["actor/lr"] for r in metrics(run)[1:]] == pytest.approx([2e-4, 1e-4])  # linear, 2 steps, to 50%
     evaluated = [r for r in metrics(run) if "eval/math500" in r]
     assert [r["iteration"] for r in evaluated] == [0, 2]  # before training and every data.eval_interval=2
     import pyarrow.parquet as pq

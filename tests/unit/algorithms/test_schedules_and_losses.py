@@ -133,3 +133,17 @@ def test_critic_loss_composition():
     result = critic_loss(values, torch.zeros(1, 3), torch.tensor([[0.2, 0.0, 0.0]]), torch.tensor([[1.0, 1.0, 0.0]]),
                          AlgorithmConfig(value_clip=0.5))
     assert (result.numerator / result.denominator).item() == pytest.approx((0.32 + 0.005) / 2)
+
+
+def test_learning_rate_schedules():
+    from remix_megatron.algorithms import learning_rate
+
+    assert [learning_rate(k, 5, 1e-3, "constant") for k in (1, 3, 5)] == [1e-3] * 3
+    # linear over 5 iterations to 0: 1, 0.75, 0.5, 0.25, 0 (x lr)
+    assert [learning_rate(k, 5, 1.0, "linear") for k in range(1, 6)] == pytest.approx([1, 0.75, 0.5, 0.25, 0])
+    # to 20%: 1 - 0.8 * (k-1)/4
+    assert [learning_rate(k, 5, 2.0, "linear", 0.2) for k in (1, 5)] == pytest.approx([2.0, 0.4])
+    assert learning_rate(9, 5, 1.0, "linear") == 0.0  # past the end: stays at the floor
+    assert learning_rate(1, 1, 3.0, "linear") == 3.0
+    with pytest.raises(ValueError):
+        learning_rate(1, 5, 1.0, "cosine")
