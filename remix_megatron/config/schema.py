@@ -126,8 +126,9 @@ class OptimizerConfig:
     adam_beta2: float = doc("Adam beta2", 0.999)
     adam_eps: float = doc("Adam epsilon", 1e-8)
     clip_grad: float = doc("global gradient-norm clip; 0 disables", 1.0)
-    lr_decay: str = doc("constant (the paper) | linear: lr at the first iteration down to lr * min_lr_ratio at the "
-                        "last", "constant")
+    lr_decay: str = doc("constant (the paper) | linear: lr at the first iteration down to lr * min_lr_ratio at "
+                        "trainer.num_steps (a resumed run continues it exactly; changing num_steps reshapes it)",
+                        "constant")
     min_lr_ratio: float = doc("lr_decay=linear: final learning rate as a fraction of lr", 0.0)
 
     def __post_init__(self) -> None:

@@ -45,10 +45,10 @@ def test_consecutive_skips_stop_with_a_clear_error(monkeypatch):
     state = types.SimpleNamespace(rank=1)
     counters: dict = {}
     good, bad = model_with_grad(1.0), model_with_grad(float("inf"))
-    trainer._update(bad, [], None, state, counters, 3, "actor")
-    trainer._update(good, [], None, state, counters, 3, "actor")  # a good step resets the count
-    trainer._update(bad, [], None, state, counters, 3, "actor")
-    trainer._update(bad, [], None, state, counters, 3, "actor")
+    trainer._update(bad, [[]], None, state, counters, 3, "actor")
+    trainer._update(good, [[]], None, state, counters, 3, "actor")  # a good step resets the count
+    trainer._update(bad, [[]], None, state, counters, 3, "actor")
+    trainer._update(bad, [[]], None, state, counters, 3, "actor")
     with pytest.raises(trainer.NonFiniteLossError, match="3 actor optimizer steps in a row had NaN/inf gradients"):
-        trainer._update(bad, [], None, state, counters, 3, "actor")
+        trainer._update(bad, [[]], None, state, counters, 3, "actor")
     assert counters["skipped_total"] == 4
