@@ -1,5 +1,6 @@
 """Two "nodes" on loopback (two launch/multinode.sh calls, c10d rendezvous, 2 processes each)
-train the tiny model at TP2 x DP2 and log the same metrics as one 4-process single-node run."""
+train the tiny model at TP2 x DP2 and at PP2 x DP2 and log the same metrics as one 4-process
+single-node run of the same layout."""
 
 from __future__ import annotations
 
@@ -35,12 +36,15 @@ def records(run: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in lines]
 
 
-def test_two_nodes_match_one_node(tiny_dir, tmp_path):
+@pytest.mark.parametrize("layout", [("parallel.tensor_parallel=2", "parallel.pipeline_parallel=1"),
+                                    ("parallel.tensor_parallel=1", "parallel.pipeline_parallel=2")],
+                         ids=["tp2xdp2", "pp2xdp2"])
+def test_two_nodes_match_one_node(tiny_dir, tmp_path, layout):
     def args(run: Path) -> list[str]:
         return ["train", "configs/tiny_remix_ppo.yaml", f"model.hf_path={tiny_dir}",
                 f"data.train_path={tiny_dir}/train.jsonl", f"data.eval_path={tiny_dir}/heldout.jsonl",
                 "rollout.prompts_per_step=32", "data.eval_size=32", "data.eval_interval=2", "trainer.num_steps=2",
-                "trainer.save_interval=-1", "parallel.tensor_parallel=2", f"trainer.run_dir={run}"]
+                "trainer.save_interval=-1", *layout, f"trainer.run_dir={run}"]
 
     single, multi = tmp_path / "single", tmp_path / "multi"
     run_cli(args(single), nproc=4)
