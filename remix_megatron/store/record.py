@@ -135,15 +135,21 @@ def _split(column: pa.ChunkedArray, np_dtype) -> list[np.ndarray | None]:
     return out
 
 
-def from_table(table: pa.Table, extra_columns: Sequence[str]) -> list[Trajectory]:
-    """An Arrow table of the store's schema -> records."""
+def from_table(table: pa.Table, extra_columns: Sequence[str], rows: Sequence[int] | None = None) -> list[Trajectory]:
+    """An Arrow table of the store's schema -> records (all, or those at ``rows``, in that order).
+
+    Records of all rows share the table's buffers (zero-copy); records picked by ``rows`` own
+    copies of their arrays, so the table's other rows are freed with it.
+    """
+    picked = range(table.num_rows) if rows is None else [int(i) for i in rows]
+    own = (lambda a: a) if rows is None else (lambda a: None if a is None else a.copy())  # noqa: E731
     plain = {name: table.column(name).to_pylist() for name in ("iteration", "prompt_id", "group_id", "reward",
                                                                 "finish_reason")}
     extras = {name: table.column(EXTRA_PREFIX + name).to_pylist() for name in extra_columns}
     prompts, responses = _split(table.column("prompt_tokens"), np.int32), _split(table.column("response_tokens"), np.int32)
     logprobs, values = _split(table.column("behaviour_logprobs"), np.float32), _split(table.column("values"), np.float32)
     return [Trajectory(iteration=plain["iteration"][i], prompt_id=plain["prompt_id"][i], group_id=plain["group_id"][i],
-                       prompt_tokens=prompts[i], response_tokens=responses[i], reward=plain["reward"][i],
-                       behaviour_logprobs=logprobs[i], finish_reason=plain["finish_reason"][i], values=values[i],
-                       extra={name: extras[name][i] for name in extra_columns})
-            for i in range(table.num_rows)]
+                       prompt_tokens=own(prompts[i]), response_tokens=own(responses[i]), reward=plain["reward"][i],
+                       behaviour_logprobs=own(logprobs[i]), finish_reason=plain["finish_reason"][i],
+                       values=own(values[i]), extra={name: extras[name][i] for name in extra_columns})
+            for i in picked]

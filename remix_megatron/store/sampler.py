@@ -143,6 +143,8 @@ class MixedSampler:
         for group in mine:
             for shard, row in group.rows:
                 wanted.setdefault((group.iteration, shard), []).append(row)
+        for (source, shard), rows in wanted.items():  # queue every read first, then read in order
+            store.prefetch_rows(source, shard, rows)
         loaded: dict[tuple[int, int, int], Trajectory] = {}
         for (source, shard), rows in wanted.items():
             for row, record in zip(rows, store.read_rows(source, shard, rows)):

@@ -24,12 +24,14 @@ raises ``StoreError`` naming the file. Shards are ordinary Arrow IPC files
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import shutil
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -48,10 +50,20 @@ _READ_OPTIONS = pa.ipc.IpcReadOptions(use_threads=True)  # decompress a batch's 
 _ITER = re.compile(r"^iter_(\d{8})$")
 _SHARD = re.compile(r"^shard_r(\d{5})\.arrow$")
 _MANIFEST = re.compile(r"^iter_(\d{8})\.json$")
+_WRITEBACK_BYTES = 1 << 20  # a shard writer starts the disk write of every 1 MiB it has written
 
 
 class StoreError(RuntimeError):
     """The store on disk is not what it must be (schema, corruption, missing data)."""
+
+
+def _advise(fd: int, offset: int, length: int, advice: str) -> None:
+    """A page-cache hint (Linux): "DONTNEED" on dirty pages starts their write-back now, so the
+    disk writes while the writer encodes the next batches and the final fsync finds little left;
+    "WILLNEED" queues the read of a range now, so the disk reads ahead of the checksum/decode
+    work (and of the next shard). A no-op where the platform has no posix_fadvise."""
+    if hasattr(os, "posix_fadvise") and length > 0:
+        os.posix_fadvise(fd, offset, length, getattr(os, f"POSIX_FADV_{advice}"))
 
 
 def _atomic_write_json(path: Path, payload: dict) -> None:
@@ -157,16 +169,22 @@ class ShardWriter:
                                                                       use_threads=True))
         self.rows, self._batches, self._group_ids = 0, [], []
         self._reward_sum = self._length_sum = 0.0
+        self._written_back = 0  # bytes whose write-back has been started
 
     def write(self, records: Sequence[Trajectory]) -> None:
         for record in records:
             if record.iteration != self.iteration:
                 raise ValueError(f"trajectory {record.prompt_id!r} of iteration {record.iteration} written to "
                                  f"iteration {self.iteration}")
-        table = to_table(records, self._store.extra_columns)
-        for batch in table.to_batches(max_chunksize=self._store.row_group_size):
+        size = self._store.row_group_size
+        for first in range(0, len(records), size):  # converted batch by batch: the copies stay cache-sized
+            batch = to_table(records[first:first + size], self._store.extra_columns).to_batches()[0]
             self._writer.write_batch(batch)
             self._batches.append(self._sink.segment(batch.num_rows))
+            if self._sink.position - self._written_back >= _WRITEBACK_BYTES:
+                self._handle.flush()
+                _advise(self._handle.fileno(), self._written_back, self._sink.position - self._written_back, "DONTNEED")
+                self._written_back = self._sink.position
         self.rows += len(records)
         self._group_ids += [r.group_id for r in records]
         self._reward_sum += sum(r.reward for r in records)
@@ -387,26 +405,50 @@ class TrajectoryStore:
                 regions = [_pread_all(fd, b.length, b.offset) for _, b in chosen]
         finally:
             os.close(fd)
-        batches = [self._decode(path, schema, i, b, region) for (i, b), region in zip(chosen, regions)]
+        decode = lambda item: self._decode(path, schema, item[0][0], item[0][1], item[1])  # noqa: E731
+        batches = list(_decoder_pool().map(decode, zip(chosen, regions)))  # CRC32 and Arrow decode release the GIL
         return pa.Table.from_batches(batches, schema=schema)
+
+    def prefetch(self, shard: ShardInfo, batch_indices: Sequence[int] | None = None) -> None:
+        """Queue the disk reads of a shard's record batches (all, or ``batch_indices``) without
+        waiting for them; a later read finds them in the page cache."""
+        try:
+            fd = os.open(self.root / shard.file, os.O_RDONLY)
+        except FileNotFoundError:
+            return  # the read itself reports it
+        try:
+            if batch_indices is None:
+                _advise(fd, 0, shard.bytes, "WILLNEED")
+            for index in batch_indices or ():
+                batch = shard.batches[index]
+                _advise(fd, batch.offset, batch.length, "WILLNEED")
+        finally:
+            os.close(fd)
 
     def read_iteration(self, iteration: int) -> list[Trajectory]:
         """Every record of a published iteration, shard by shard in rank order."""
         records: list[Trajectory] = []
-        for shard in self.info(iteration).shards:
-            table = self._read_table(shard)
-            if table.num_rows != shard.rows:
-                raise StoreError(f"{self.root / shard.file}: {table.num_rows} rows, manifest says {shard.rows}")
-            records += from_table(table, self.extra_columns)
+        shards = self.info(iteration).shards
+        for shard in shards:
+            self.prefetch(shard)
+        for index in range(len(shards)):
+            records += self.read_shard(iteration, index)
         return records
+
+    def read_shard(self, iteration: int, shard_index: int) -> list[Trajectory]:
+        """Every record of one shard of a published iteration (one sequential read)."""
+        shard = self.info(iteration).shards[shard_index]
+        table = self._read_table(shard)
+        if table.num_rows != shard.rows:
+            raise StoreError(f"{self.root / shard.file}: {table.num_rows} rows, manifest says {shard.rows}")
+        return from_table(table, self.extra_columns)
 
     def group_ids(self, iteration: int) -> list[np.ndarray]:
         """The ``group_id`` of every row, per shard (from the manifest: no shard is read)."""
         return self._cached("group_ids", iteration, lambda: [np.asarray(shard.group_ids, dtype=np.int64)
                                                              for shard in self.info(iteration).shards])
 
-    def read_rows(self, iteration: int, shard_index: int, rows: Sequence[int]) -> list[Trajectory]:
-        """Records at ``rows`` of one shard, reading only the record batches that hold them."""
+    def _batches_of(self, iteration: int, shard_index: int, rows: Sequence[int]):
         shard = self.info(iteration).shards[shard_index]
         starts = np.cumsum([0] + [b.rows for b in shard.batches])
         rows_array = np.asarray(rows, dtype=np.int64)
@@ -414,14 +456,23 @@ class TrajectoryStore:
             raise StoreError(f"{self.root / shard.file}: rows {rows_array.min()}..{rows_array.max()} outside "
                              f"0..{starts[-1] - 1}")
         batch_of = np.searchsorted(starts, rows_array, side="right") - 1
-        needed = sorted(set(batch_of.tolist()))
+        return shard, starts, rows_array, batch_of, sorted(set(batch_of.tolist()))
+
+    def prefetch_rows(self, iteration: int, shard_index: int, rows: Sequence[int]) -> None:
+        """Queue the disk reads ``read_rows(iteration, shard_index, rows)`` will need."""
+        shard, _, _, _, needed = self._batches_of(iteration, shard_index, rows)
+        self.prefetch(shard, needed)
+
+    def read_rows(self, iteration: int, shard_index: int, rows: Sequence[int]) -> list[Trajectory]:
+        """Records at ``rows`` of one shard, reading only the record batches that hold them."""
+        shard, starts, rows_array, batch_of, needed = self._batches_of(iteration, shard_index, rows)
         table = self._read_table(shard, needed)
         offsets, position = {}, 0  # where each selected batch starts in ``table``
         for index in needed:
             offsets[index] = position
             position += int(starts[index + 1] - starts[index])
         local = [offsets[g] + int(r - starts[g]) for r, g in zip(rows_array.tolist(), batch_of.tolist())]
-        return from_table(table.take(pa.array(local, pa.int64())), self.extra_columns)
+        return from_table(table, self.extra_columns, rows=local)
 
     # retention ---------------------------------------------------------------------------
     def _remove(self, iterations: Iterable[int]) -> list[int]:
@@ -469,6 +520,11 @@ class TrajectoryStore:
             except StoreError as error:
                 problems.append(str(error))
         return problems
+
+
+@functools.lru_cache(maxsize=1)
+def _decoder_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="store-decode")
 
 
 def _pread_all(fd: int, length: int, offset: int) -> bytes:

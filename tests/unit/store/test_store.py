@@ -23,8 +23,33 @@ def test_round_trip_every_field(tmp_path):
     assert info.rows == 50 and [s.rows for s in info.shards] == [20, 30]
     assert info.mean_reward == pytest.approx(np.mean([r.reward for r in records]))
     assert info.mean_response_length == pytest.approx(np.mean([r.response_length for r in records]))
+    assert same_records(store.read_shard(3, 1), records[20:])
     reopened = open_store(tmp_path / "s")
     assert reopened.extra_columns == ("grpo_advantage",) and reopened.iterations() == [3]
+
+
+def test_page_cache_hints(tmp_path, monkeypatch):
+    """Writers start the write-back of every ~1 MiB written; readers queue a shard's reads first."""
+    from remix_megatron.store import store as store_module
+
+    calls = []
+    monkeypatch.setattr(store_module.os, "posix_fadvise",
+                        lambda fd, offset, length, advice: calls.append((offset, length, advice)))
+    monkeypatch.setattr(store_module, "_WRITEBACK_BYTES", 4 << 10)
+    store = open_store(tmp_path / "s", create=True, row_group_size=4)
+    records = make_records(0, 64)
+    store.write_shard(0, 0, records)
+    shard = store.publish(0, 1).shards[0]
+    written = [(o, n) for o, n, a in calls if a == store_module.os.POSIX_FADV_DONTNEED]
+    assert len(written) >= 2 and written[0][0] == 0  # contiguous ranges from the start of the file
+    assert all(a + n == b for (a, n), (b, _) in zip(written, written[1:]))
+    assert shard.bytes - (written[-1][0] + written[-1][1]) < (4 << 10) + shard.batches[-1].length + 4096
+    calls.clear()
+    assert same_records(store.read_iteration(0), records)
+    assert calls[0] == (0, shard.bytes, store_module.os.POSIX_FADV_WILLNEED)
+    calls.clear()
+    store.prefetch_rows(0, 0, [5, 6])  # what the sampler does before its read_rows calls
+    assert calls == [(shard.batches[1].offset, shard.batches[1].length, store_module.os.POSIX_FADV_WILLNEED)]
 
 
 def test_records_without_values_and_empty_responses(tmp_path):
@@ -106,8 +131,10 @@ def test_read_rows_touches_only_needed_batches(tmp_path, monkeypatch):
     monkeypatch.setattr(store_module, "_pread_all",
                         lambda fd, length, offset: read.append(length) or original_pread(fd, length, offset))
     rows = [37, 1, 9, 2]
-    assert same_records(store.read_rows(0, 0, rows), [records[r] for r in rows])
-    assert decoded == [0, 2, 9]  # rows 1-2 in batch 0, 9 in batch 2, 37 in batch 9 (4 rows each)
+    picked = store.read_rows(0, 0, rows)
+    assert same_records(picked, [records[r] for r in rows])
+    assert sorted(decoded) == [0, 2, 9]  # rows 1-2 in batch 0, 9 in batch 2, 37 in batch 9 (4 rows each)
+    assert all(r.response_tokens.flags.owndata and r.values.flags.owndata for r in picked)  # batches can be freed
     shard = store.info(0).shards[0]
     head = min(shard.bytes, 1 << 16)  # the schema check, once per shard file
     assert sum(read) == head + sum(shard.batches[i].length for i in (0, 2, 9)) < shard.bytes + head
