@@ -3,7 +3,7 @@
 Builds a store of ``--trajectories`` realistic trajectories (256 per iteration, 2 shards
 each), then times ``MixedSampler.sample`` for the last iterations (p = 0.4, N = 2): the whole
 batch on one rank and one rank's share of 8. Reports the median latency (target < 50 ms)
-and the peak Arrow memory while sampling, next to the store's size. The default size is
+and the peak Arrow and Python/numpy memory while sampling, next to the store's size. The default size is
 quick; ``--trajectories 1000000`` is the full-size run (about 27 GB of disk at the default
 lengths; use --median-response to shrink).
 
@@ -18,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,6 +30,11 @@ from _synthetic import realistic_records  # noqa: E402
 from remix_megatron.store import MixedSampler, open_store  # noqa: E402
 
 PER_ITERATION = 256
+
+
+def _nbytes(record) -> int:
+    return sum(a.nbytes for a in (record.prompt_tokens, record.response_tokens, record.behaviour_logprobs,
+                                  record.values) if a is not None)
 
 
 def main() -> None:
@@ -66,8 +72,14 @@ def main() -> None:
                     times.append(elapsed)
                     peaks.append(pool.max_memory() - before)
             rows = len(batch.trajectories)
+            del batch
+            tracemalloc.start()  # Python and numpy allocations of one more (untimed) sample
+            batch = sampler.sample(store, iterations - 1, 0.4, dp_rank=0, dp_size=dp_size)
+            python_peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
             print(f"  {label:20s}: {rows:3d} trajectories, median {statistics.median(times) * 1e3:6.1f} ms "
-                  f"(target < 50 ms), Arrow peak <= {max(peaks) / 1e6:.0f} MB")
+                  f"(target < 50 ms), peak memory: Arrow <= {max(peaks) / 1e6:.0f} MB, Python + numpy "
+                  f"{python_peak / 1e6:.0f} MB (the batch itself: {sum(_nbytes(t) for t in batch.trajectories) / 1e6:.0f} MB)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
