@@ -148,25 +148,17 @@ def main() -> None:
 
 
 def _plot(curves: dict, target: float, path: Path) -> None:
-    import matplotlib
+    from remix_megatron.metrics_log import against_rollouts, pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6.5, 4))
+    figure, axis = pyplot().subplots(figsize=(6.5, 4))
     for index, (name, runs) in enumerate(curves.items()):
         for n, (seed, points) in enumerate(runs.items()):
             axis.plot(*zip(*points), color=f"C{index}", alpha=0.9, linestyle="--" if "control" in name else "-",
                       label=name if n == 0 else None)
     axis.axhline(target, color="grey", linewidth=0.8)
-    axis.set_xlabel("rollouts generated")
-    axis.set_ylabel("held-out greedy accuracy")
-    axis.set_title("tiny arithmetic task: accuracy vs rollouts")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    against_rollouts(axis, "tiny arithmetic task: accuracy vs rollouts", ylabel="held-out greedy accuracy",
+                     legend=True)
+    save_figure(figure, path, dpi=110)
 
 
 if __name__ == "__main__":

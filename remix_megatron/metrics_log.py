@@ -54,38 +54,56 @@ class RunLog:
         return paths
 
 
-def write_plots(history: Sequence[dict], out_dir: Path) -> list[Path]:
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def against_rollouts(axis, title: str, *, ylabel: str | None = None, legend: bool = False) -> None:
+    """Label an axis whose x is rollouts generated (the paper's cost unit), as every plot here does."""
+    axis.set_xlabel("rollouts generated")
+    if ylabel:
+        axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    if legend:
+        axis.legend(fontsize=7)
+
+
+def save_figure(figure, path: Path, dpi: int = 100) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=dpi)
+    pyplot().close(figure)
+    return path
+
+
+def curve(history: Sequence[dict], key: str) -> list[tuple[float, float]]:
+    """(rollouts_total, value) of every record that has ``key``."""
+    return [(r.get("rollouts_total", 0), r[key]) for r in history if key in r]
+
+
+def write_plots(history: Sequence[dict], out_dir: Path) -> list[Path]:
+    plt = pyplot()
     paths = []
     for file, key, title in PLOTS:
-        points = [(r.get("rollouts_total", 0), r[key]) for r in history if key in r]
+        points = curve(history, key)
         if not points:
             continue
         figure, axis = plt.subplots(figsize=(5, 3.2))
         axis.plot(*zip(*points), marker="o" if len(points) < 30 else None)
-        axis.set_xlabel("rollouts generated")
-        axis.set_title(title)
-        axis.grid(alpha=0.3)
-        figure.tight_layout()
-        figure.savefig(out_dir / file, dpi=100)
-        plt.close(figure)
-        paths.append(out_dir / file)
+        against_rollouts(axis, title)
+        paths.append(save_figure(figure, out_dir / file))
     benchmarks = sorted({key for r in history for key in r if key.startswith("eval/") and key.count("/") == 1})
     if benchmarks:  # periodic benchmark scores (data.eval_benchmarks), one line each
         figure, axis = plt.subplots(figsize=(5, 3.2))
         for key in benchmarks:
-            points = [(r.get("rollouts_total", 0), r[key]) for r in history if key in r]
+            points = curve(history, key)
             axis.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=key[5:])
-        axis.set_xlabel("rollouts generated")
-        axis.set_title("benchmark scores (pass@1 / avg@k)")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
-        figure.tight_layout()
-        figure.savefig(out_dir / "benchmarks.png", dpi=100)
-        plt.close(figure)
-        paths.append(out_dir / "benchmarks.png")
+        against_rollouts(axis, "benchmark scores (pass@1 / avg@k)", legend=True)
+        paths.append(save_figure(figure, out_dir / "benchmarks.png"))
     return paths

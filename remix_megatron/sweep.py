@@ -35,6 +35,7 @@ import yaml
 from remix_megatron.config import ConfigError, ExperimentConfig, load_config
 from remix_megatron.fileio import atomic_write_text
 from remix_megatron.planning import format_memory, plan_layout, plan_memory
+from remix_megatron.metrics_log import against_rollouts, curve, pyplot, save_figure
 
 LAUNCH_DIR = Path(__file__).resolve().parent.parent / "launch"
 LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
@@ -216,11 +217,7 @@ def write_summary(spec: SweepSpec, points: Sequence[SweepPoint]) -> list[Path]:
 
 def _plot(spec: SweepSpec, points: Sequence[SweepPoint], path: Path) -> list[Path]:
     """One panel per metric against rollouts generated (the paper's cost axis), one line per point."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     histories = {point.name: read_metrics(point.run_dir) for point in points}
     metrics = [m for m in spec.metrics if any(m in r for h in histories.values() for r in h)]
     if not metrics:
@@ -228,17 +225,11 @@ def _plot(spec: SweepSpec, points: Sequence[SweepPoint], path: Path) -> list[Pat
     figure, axes = plt.subplots(len(metrics), 1, figsize=(6, 2.8 * len(metrics)), squeeze=False)
     for axis, metric in zip(axes[:, 0], metrics):
         for name, history in histories.items():
-            points_xy = [(r.get("rollouts_total", 0), r[metric]) for r in history if metric in r]
+            points_xy = curve(history, metric)
             if points_xy:
                 axis.plot(*zip(*points_xy), marker="o" if len(points_xy) < 30 else None, label=name)
-        axis.set_title(metric)
-        axis.set_xlabel("rollouts generated")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return [path]
+        against_rollouts(axis, metric, legend=True)
+    return [save_figure(figure, path)]
 
 
 def run(path: str, overrides: Sequence[str] = (), *, slurm: bool = False, dry_run: bool = False,
