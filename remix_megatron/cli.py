@@ -47,9 +47,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from remix_megatron.parallel import destroy_parallel
-    from remix_megatron.trainer import train
+    from remix_megatron.trainer import TrainingStopped, train
 
-    history = train(cfg)
+    try:
+        history = train(cfg)
+    except TrainingStopped as stopped:  # a signal (preemption, time limit): exit as that signal would
+        if dist.get_rank() == 0:
+            print(stopped, file=sys.stderr, flush=True)
+        destroy_parallel()
+        return 128 + stopped.signum
     if dist.get_rank() == 0:
         path = save_config(cfg, Path(cfg.trainer.run_dir) / "config.yaml")
         accuracies = [r["eval_accuracy"] for r in history if "eval_accuracy" in r]

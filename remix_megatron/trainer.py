@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -411,6 +413,54 @@ def _eval_line(record: dict) -> str:
     return " | " + ", ".join(parts) if parts else ""
 
 
+class TrainingStopped(RuntimeError):
+    """Training stopped early on a signal, after checkpointing its last complete iteration."""
+
+    def __init__(self, signum: int, iteration: int, checkpointed: bool) -> None:
+        self.signum, self.iteration, self.checkpointed = signum, iteration, checkpointed
+        saved = ("its checkpoint is saved: resume with trainer.resume=true" if checkpointed
+                 else "no checkpoint was saved (trainer.save_interval < 0)")
+        super().__init__(f"stopped by {signal.Signals(signum).name} after iteration {iteration}; {saved}")
+
+
+class StopRequest:
+    """SIGTERM or SIGUSR1 (Slurm's preemption and time limit, torchrun's shutdown, ``kill``)
+    asks the run to stop: the current iteration finishes, every rank agrees at its end, the
+    checkpoint of that iteration is saved and ``train`` raises ``TrainingStopped``. A second
+    signal while stopping falls through to the previous handler (the default: exit now)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:  # asked twice: do what would have happened without us
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        print(f"received {signal.Signals(signum).name}: finishing this iteration, then checkpointing and stopping",
+              flush=True)
+
+    def agreed(self) -> int | None:
+        """The signal any rank received (all ranks call this at the same point), else None."""
+        flag = torch.tensor([self.signum or 0], dtype=torch.int64)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+
 def train(cfg: ExperimentConfig) -> list[dict]:
     """Run ReMix (or PPO / GRPO, by config) up to ``trainer.num_steps`` iterations; returns the metrics."""
     from transformers import AutoTokenizer
@@ -463,34 +513,48 @@ def train(cfg: ExperimentConfig) -> list[dict]:
         log.write(history[-1])
         if state.rank == 0:
             print(f"[0/{cfg.trainer.num_steps}] before training: {_eval_line(history[-1])[3:]}", flush=True)
-    for k in range(first, cfg.trainer.num_steps + 1):
-        record = _iteration(k, cfg, state, models, engine, tokenizer, grader, train_source, store, sampler, counters)
-        if evaluations and cfg.data.eval_interval and (k % cfg.data.eval_interval == 0 or k == cfg.trainer.num_steps):
-            record.update(_evaluate(k, evaluations, engine, tokenizer, grader, cfg, state, models))
-        interval = cfg.trainer.save_interval
-        if interval >= 0 and (k == cfg.trainer.num_steps or (interval and k % interval == 0)):
-            save_checkpoint(checkpoints, k, models.named(), state,
-                            {"prompts": train_source.state_dict(), "rollouts": counters["rollouts"],
-                             "reincarnated": record["reincarnated"]}, config=cfg,
-                            keep_last=cfg.trainer.keep_checkpoints)
-        history.append(record)
-        log.write(record)
-        if state.rank == 0:
-            accuracy = _eval_line(record)
-            seconds = record["time/iteration_s"]
-            remaining = (cfg.trainer.num_steps - k) * seconds
-            print(f"[{k}/{cfg.trainer.num_steps}] reward {record['reward_mean']:.3f} length "
-                  f"{record['response_length']:.1f} ratio {record['actor/ratio_mean']:.3f} clip "
-                  f"{record['actor/clip_frac']:.3f} rollouts {record['rollouts_total']} | {seconds:.1f} s/it, "
-                  f"{record['rollouts'] / max(seconds, 1e-9):.0f} rollouts/s, ~{remaining / 60:.1f} min left"
-                  f"{accuracy}", flush=True)
+    stop, stopped = StopRequest(), None
+    with stop:
+        for k in range(first, cfg.trainer.num_steps + 1):
+            record = _iteration(k, cfg, state, models, engine, tokenizer, grader, train_source, store, sampler,
+                                counters)
+            stopped = stop.agreed()
+            if (evaluations and cfg.data.eval_interval and not stopped
+                    and (k % cfg.data.eval_interval == 0 or k == cfg.trainer.num_steps)):
+                record.update(_evaluate(k, evaluations, engine, tokenizer, grader, cfg, state, models))
+            interval = cfg.trainer.save_interval
+            if interval >= 0 and (k == cfg.trainer.num_steps or (interval and k % interval == 0) or stopped):
+                save_checkpoint(checkpoints, k, models.named(), state,
+                                {"prompts": train_source.state_dict(), "rollouts": counters["rollouts"],
+                                 "reincarnated": record["reincarnated"]}, config=cfg,
+                                keep_last=cfg.trainer.keep_checkpoints)
+            _report(k, record, cfg, state, history, log)
+            if stopped:
+                break
     engine.shutdown()
     for path in log.close(history):
         print(f"plot: {path}", flush=True)
+    if stopped:
+        raise TrainingStopped(stopped, k, checkpointed=cfg.trainer.save_interval >= 0)
     export_hf(models.actor.unwrapped(), state, cfg.model, run_dir / "hf_actor", source_hf_dir=cfg.model.hf_path)
     if state.rank == 0:
         print(f"final actor exported to {run_dir / 'hf_actor'}", flush=True)
     return history
+
+
+def _report(k: int, record: dict, cfg: ExperimentConfig, state: ParallelState, history: list, log: RunLog) -> None:
+    """Keep, log and print one iteration's metrics."""
+    history.append(record)
+    log.write(record)
+    if state.rank == 0:
+        accuracy = _eval_line(record)
+        seconds = record["time/iteration_s"]
+        remaining = (cfg.trainer.num_steps - k) * seconds
+        print(f"[{k}/{cfg.trainer.num_steps}] reward {record['reward_mean']:.3f} length "
+              f"{record['response_length']:.1f} ratio {record['actor/ratio_mean']:.3f} clip "
+              f"{record['actor/clip_frac']:.3f} rollouts {record['rollouts_total']} | {seconds:.1f} s/it, "
+              f"{record['rollouts'] / max(seconds, 1e-9):.0f} rollouts/s, ~{remaining / 60:.1f} min left"
+              f"{accuracy}", flush=True)
 
 
 def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Models, engine, tokenizer, grader,
