@@ -110,17 +110,25 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def process_group_backend(backend: str) -> str:
+    """The backend string for ``init_process_group``. With NCCL, host tensors (the loop's counters,
+    flags and metric statistics) go over gloo and device tensors over NCCL: NCCL alone refuses
+    CPU tensors, and a gloo-only run (CPU) already takes both."""
+    return "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
+
+
 def _start_process_group(runtime: Runtime, timeout_s: int) -> None:
     timeout = datetime.timedelta(seconds=timeout_s)
+    backend = process_group_backend(runtime.backend)
     if "RANK" in os.environ:  # torchrun (or srun + torchrun): env:// rendezvous
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if runtime.device.type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=runtime.backend, timeout=timeout)
+        dist.init_process_group(backend=backend, timeout=timeout)
     else:  # a single process started with plain python
         if runtime.device.type == "cuda":
             torch.cuda.set_device(0)
-        dist.init_process_group(backend=runtime.backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
                                 rank=0, world_size=1, timeout=timeout)
 
 

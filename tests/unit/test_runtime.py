@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from remix_megatron.config import ConfigError, ParallelConfig
-from remix_megatron.parallel import resolve_runtime
+from remix_megatron.parallel import process_group_backend, resolve_runtime
 
 pytestmark = pytest.mark.unit
 
@@ -35,3 +35,12 @@ def test_gpu_without_transformer_engine_falls_back_to_local(monkeypatch):
 def test_impossible_choices_on_cpu(kwargs, expected):
     with pytest.raises(ConfigError, match=expected):
         resolve_runtime(ParallelConfig(**kwargs), cuda_available=False)
+
+
+def test_nccl_runs_also_take_host_tensors_over_gloo():
+    assert process_group_backend("gloo") == "gloo"
+    assert process_group_backend("nccl") == "cpu:gloo,cuda:nccl"
+    # torch accepts the string and maps each device type to its backend
+    config = torch.distributed.distributed_c10d.BackendConfig(
+        torch.distributed.Backend(process_group_backend("nccl")))
+    assert config.get_device_backend_map() == {"cpu": "gloo", "cuda": "nccl"}
