@@ -44,9 +44,16 @@ class _CudaToCpuMode(TorchFunctionMode):
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if _is_cuda_device(kwargs.get("device")):
-            kwargs = {**kwargs, "device": "cpu"}
+        # Every torch call of the process passes here: the common case (no device argument,
+        # not one of the three rewritten methods) must cost as little as possible.
+        if kwargs:
+            device = kwargs.get("device")
+            if device is not None and _is_cuda_device(device):
+                kwargs = {**kwargs, "device": "cpu"}
+        else:
+            kwargs = {}
+        if func is not torch.Tensor.to and func is not torch.Tensor.cuda and func is not torch.Tensor.type:
+            return func(*args, **kwargs)
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
