@@ -11,7 +11,8 @@ accuracy on all 512 held-out problems is measured every ``--eval-every`` steps. 
 tuned for the benchmark: the configs are the shipped ones (the paper's defaults for p, N, UTD,
 KL-convex; the schedule scaled to the tiny run, see the configs' headers).
 
-Prints, per algorithm, the accuracy at the start and end, the rollouts needed to first reach
+Prints, per algorithm, the accuracy at the start and end, the best, the mean over the budget
+(area under the accuracy-vs-rollouts curve divided by its span), the rollouts needed to first reach
 ``--target`` (mean over seeds; a run that never reaches it counts as "> budget"), the ratios
 PPO / ReMix-PPO and GRPO / ReMix-GRPO, and writes accuracy-vs-rollouts curves to
 ``--out``/sample_efficiency.png plus the raw numbers to ``--out``/sample_efficiency.json.
@@ -86,6 +87,16 @@ def curve(history: list[dict]) -> list[tuple[int, float]]:
     return [(r["rollouts_total"], r["eval_accuracy"]) for r in history if "eval_accuracy" in r]
 
 
+def mean_accuracy(points: list[tuple[int, float]]) -> float:
+    """Accuracy averaged over the rollouts generated (trapezoid area under the curve / span): one
+    number per run that uses every evaluation, less noisy than the first crossing of a target."""
+    span = points[-1][0] - points[0][0]
+    if span <= 0:
+        return points[-1][1]
+    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(points, points[1:]))
+    return area / span
+
+
 def rollouts_to(points: list[tuple[int, float]], target: float) -> int | None:
     """Rollouts at the first evaluation at or above ``target`` (None: never)."""
     return next((rollouts for rollouts, accuracy in points if accuracy >= target), None)
@@ -112,7 +123,7 @@ def main() -> None:
               for name in names}
 
     print(f"\nbudget ~{args.budget} rollouts per run, target held-out accuracy {args.target:.2f}, seeds {seeds}")
-    print(f"{'run':26s} {'start':>6s} {'end':>6s} {'best':>6s} {'rollouts to target (per seed)':>32s}")
+    print(f"{'run':26s} {'start':>6s} {'end':>6s} {'best':>6s} {'mean':>6s} {'rollouts to target (per seed)':>32s}")
     summary = {}
     for name in names:
         runs = curves[name]
@@ -120,14 +131,18 @@ def main() -> None:
         ends = [points[-1][1] for points in runs.values()]
         bests = [max(a for _, a in points) for points in runs.values()]
         reached = [rollouts_to(points, args.target) for points in runs.values()]
-        summary[name] = {"start": starts, "end": ends, "best": bests, "rollouts_to_target": reached,
+        means = [mean_accuracy(points) for points in runs.values()]
+        summary[name] = {"start": starts, "end": ends, "best": bests, "mean": means, "rollouts_to_target": reached,
                          "curves": {str(seed): points for seed, points in runs.items()}}
         shown = ", ".join(str(r) if r is not None else f">{runs[s][-1][0]}" for r, s in zip(reached, runs))
         print(f"{name:26s} {sum(starts) / len(starts):6.3f} {sum(ends) / len(ends):6.3f} "
-              f"{sum(bests) / len(bests):6.3f} {shown:>32s}")
+              f"{sum(bests) / len(bests):6.3f} {sum(means) / len(means):6.3f} {shown:>32s}")
     for baseline, remix in PAIRS:
         if baseline not in summary or remix not in summary:
             continue
+        a, b = summary[baseline]["mean"], summary[remix]["mean"]
+        print(f"{remix} - {baseline}: mean accuracy over the budget {sum(b) / len(b) - sum(a) / len(a):+.3f} "
+              f"(per seed {', '.join(f'{y - x:+.3f}' for x, y in zip(a, b))})")
         a, b = summary[baseline]["rollouts_to_target"], summary[remix]["rollouts_to_target"]
         if all(x is not None for x in a + b):
             ratio = (sum(a) / len(a)) / (sum(b) / len(b))
