@@ -79,7 +79,8 @@ def main() -> None:
             tracemalloc.stop()
             print(f"  {label:20s}: {rows:3d} trajectories, median {statistics.median(times) * 1e3:6.1f} ms "
                   f"(target < 50 ms), peak memory: Arrow <= {max(peaks) / 1e6:.0f} MB, Python + numpy "
-                  f"{python_peak / 1e6:.0f} MB (the batch itself: {sum(_nbytes(t) for t in batch.trajectories) / 1e6:.0f} MB)")
+                  f"{python_peak / 1e6:.0f} MB (the batch itself: "
+                  f"{sum(_nbytes(t) for t in batch.trajectories) / 1e6:.0f} MB)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -33,7 +33,8 @@ def logged_iterations(run: Path) -> list[int]:
 
 def test_a_signal_to_one_rank_checkpoints_and_stops_every_rank(tiny_dir, tmp_path):
     run = tmp_path / "run"
-    args = ["train", "configs/tiny_remix_ppo.yaml", f"model.hf_path={tiny_dir}", f"data.train_path={tiny_dir}/train.jsonl",
+    args = ["train", "configs/tiny_remix_ppo.yaml", f"model.hf_path={tiny_dir}",
+            f"data.train_path={tiny_dir}/train.jsonl",
             "rollout.prompts_per_step=16", "data.eval_interval=0", "trainer.save_interval=0", "trainer.num_steps=200",
             "trainer.resume=true", f"trainer.run_dir={run}"]  # save_interval=0: only the last (or stopping) iteration
     launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
