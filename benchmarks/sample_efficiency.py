@@ -83,10 +83,6 @@ def run(name: str, seed: int, budget: int, eval_every: int, tiny: Path, out: Pat
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 
 
-def curve(history: list[dict]) -> list[tuple[int, float]]:
-    return [(r["rollouts_total"], r["eval_accuracy"]) for r in history if "eval_accuracy" in r]
-
-
 def mean_accuracy(points: list[tuple[int, float]]) -> float:
     """Accuracy averaged over the rollouts generated (trapezoid area under the curve / span): one
     number per run that uses every evaluation, less noisy than the first crossing of a target."""
@@ -114,12 +110,14 @@ def main() -> None:
 
     sys.path.insert(0, str(REPO))
     from remix_megatron.data.tiny import build_tiny_model
+    from remix_megatron.metrics_log import curve
 
     tiny, out = build_tiny_model(), (REPO / args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     names = [n for n in args.runs.split(",") if n]
-    curves = {name: {seed: curve(run(name, seed, args.budget, args.eval_every, tiny, out)) for seed in seeds}
+    curves = {name: {seed: curve(run(name, seed, args.budget, args.eval_every, tiny, out), "eval_accuracy")
+                     for seed in seeds}
               for name in names}
 
     print(f"\nbudget ~{args.budget} rollouts per run, target held-out accuracy {args.target:.2f}, seeds {seeds}")

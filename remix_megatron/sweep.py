@@ -34,8 +34,8 @@ import yaml
 
 from remix_megatron.config import ConfigError, ExperimentConfig, load_config
 from remix_megatron.fileio import atomic_write_text
-from remix_megatron.planning import format_memory, plan_layout, plan_memory
 from remix_megatron.metrics_log import against_rollouts, curve, pyplot, save_figure
+from remix_megatron.planning import format_memory, plan_layout, plan_memory
 
 LAUNCH_DIR = Path(__file__).resolve().parent.parent / "launch"
 LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",

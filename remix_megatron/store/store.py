@@ -46,7 +46,6 @@ FORMAT = "remix-trajectory-store"
 LAYOUT_VERSION = 2  # 1: Parquet shards (page CRCs); 2: Arrow IPC shards with a CRC32 batch index
 COMPRESSIONS = ("zstd", "lz4", "none")  # per record-batch buffer; readers need not know which
 _CODECS = {"zstd": "zstd", "lz4": "lz4", "none": None}
-_READ_OPTIONS = pa.ipc.IpcReadOptions(use_threads=True)  # decompress a batch's buffers in parallel
 _ITER = re.compile(r"^iter_(\d{8})$")
 _SHARD = re.compile(r"^shard_r(\d{5})\.arrow$")
 _MANIFEST = re.compile(r"^iter_(\d{8})\.json$")
