@@ -3,12 +3,13 @@
 Task: add two 2-digit numbers. The prompt is ``"a+b="``; a correct response is
 ``"<think>D</think> \\boxed{S}"`` where ``S`` is the sum and ``D`` its digits least
 significant first (a scratchpad a small transformer can learn: carries flow forward), so
-the real math grader scores it. The tokenizer is character level (an HF fast tokenizer
-with a chat template); ``<think>``, ``</think>`` and ``\\boxed{`` are ordinary characters, so
-decoding never strips them.
+the real math grader scores it. The tokenizer (an HF fast tokenizer with a chat template) is
+character level except that ``<think>``, ``</think>`` and ``\\boxed{`` are one ordinary
+vocabulary word each, as in the R1-distilled models' vocabularies: a response is ~12 tokens
+(the issue's ~13-token completions), and decoding never strips them.
 
 ``build_tiny_model`` makes a ~0.8M-parameter Qwen2 model and SFT-trains it on CPU just
-until greedy held-out accuracy reaches ``target_accuracy`` (default 25%: RL has headroom),
+until greedy held-out accuracy reaches ``target_accuracy`` (default 20%: RL has headroom),
 then saves an ordinary HF directory (config, safetensors, tokenizer, BUILD.json with the
 accuracy reached) plus ``train.jsonl`` / ``heldout.jsonl`` prompt files (fields id, problem,
 answer). It is seeded and cached by its settings (under ``$REMIX_MEGATRON_CACHE`` or
@@ -22,6 +23,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -31,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("<|pad|>", "<|user|>", "<|assistant|>", "<|end|>")
 CHARACTERS = "0123456789+= <>/thinkbox\\ed{}"
+WORDS = ("<think>", "</think>", "\\boxed{")  # one token each
 CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 TEMPLATE = "{problem}"  # the tiny task's prompt template (the paper's would swamp a 64-token context)
@@ -43,13 +46,13 @@ class TinySettings:
     max_operand: int = 99
     hidden_size: int = 128
     num_layers: int = 4
-    target_accuracy: float = 0.25
+    target_accuracy: float = 0.20
     max_steps: int = 1500
     batch_size: int = 64
     lr: float = 3e-3
-    eval_every: int = 20  # accuracy climbs from 0 to ~0.4 within ~60 steps: evaluate often
+    eval_every: int = 5  # accuracy climbs from 0 to ~0.5 within ~20 steps: often, then every step
     eval_size: int = 128
-    version: int = 2
+    version: int = 3  # 3: <think>, </think>, \\boxed{ are single tokens
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -78,13 +81,14 @@ def split_problems(settings: TinySettings, split: str, count: int) -> list[dict]
 
 
 def make_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-    vocab.update({char: len(SPECIAL_TOKENS) + i for i, char in enumerate(CHARACTERS)})
+    vocab.update({piece: len(SPECIAL_TOKENS) + i for i, piece in enumerate((*CHARACTERS, *WORDS))})
     inner = Tokenizer(models.WordLevel(vocab, unk_token="<|pad|>"))
-    inner.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    words = "|".join(re.escape(word) for word in WORDS)  # a word where one starts, else a single character
+    inner.pre_tokenizer = pre_tokenizers.Split(Regex(f"{words}|."), "isolated")
     inner.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="<|pad|>", eos_token="<|end|>",
                                         unk_token="<|pad|>", additional_special_tokens=list(SPECIAL_TOKENS[1:3]))
@@ -163,7 +167,7 @@ def _train(settings: TinySettings, model, tokenizer, heldout: list[dict]) -> tup
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        if step % settings.eval_every == 0:
+        if step % settings.eval_every == 0 or accuracy >= settings.target_accuracy / 4:  # near: every step
             accuracy = greedy_accuracy(model, tokenizer, heldout)
             logger.info("tiny model SFT step %d: loss %.4f, held-out accuracy %.3f", step, loss.item(), accuracy)
             if accuracy >= settings.target_accuracy:

@@ -30,7 +30,9 @@ def test_format_pieces_survive_decoding():
     assert text == "<think>231</think> \\boxed{132}"
     ids = tokenizer(text)["input_ids"]
     assert tokenizer.decode(ids, skip_special_tokens=True) == text  # not special tokens: never stripped
-    assert len(ids) == len(text)  # one token per character
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    assert pieces == ["<think>", "2", "3", "1", "</think>", " ", "\\boxed{", "1", "3", "2", "}"]  # 11 + eos
+    assert tokenizer.convert_ids_to_tokens(tokenizer("<thin \\boxed")["input_ids"]) == list("<thin \\boxed")
 
 
 def test_accuracy_band_through_engine_and_grader(tiny_dir):
