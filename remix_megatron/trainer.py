@@ -22,6 +22,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -253,6 +254,57 @@ def _rollout(k: int, prompts, cfg: ExperimentConfig, state: ParallelState, engin
 # ------------------------------------------------------------------------------ training batch
 
 
+def _rows_forward(forward, records: list[Trajectory], needed: torch.Tensor, known: torch.Tensor, mask: torch.Tensor,
+                  cfg: ExperimentConfig, state: ParallelState) -> torch.Tensor:
+    """``known`` with the rows where ``needed`` replaced by ``forward(micro_batches)`` of those rows
+    only; zero outside ``mask``.
+
+    The needed rows are packed on their own (same left alignment as the full batch, so a token
+    sits at the same position) and padded to whole micro-batches; nothing runs when none is needed.
+    """
+    rows = (needed & (mask.sum(-1) > 0)).nonzero().flatten().tolist()  # masked-out padding rows: never
+    out = known * mask
+    if not rows:
+        return out
+    subset, real = _pad_rows([records[i] for i in rows], cfg.trainer.micro_batch_size)
+    packed = _pack(subset, cfg.trainer.seq_length, pad_id=0, multiple=_pack_multiple(state))
+    computed = forward(_micro_batches(packed, cfg.trainer.micro_batch_size)).cpu().float()
+    width = computed.size(1)
+    out[rows, :width] = computed[:real] * mask[rows, :width]
+    return out
+
+
+def _batch_forwards(records: list[Trajectory], ages: torch.Tensor, packed: dict, models: Models,
+                    cfg: ExperimentConfig, state: ParallelState, *, reuse_known: bool = True):
+    """pi_k, reference and precedent log-probs and critic values on the packed batch.
+
+    Forward passes whose result is already known are skipped (``reuse_known``): pi_k on fresh
+    rows is their behaviour log-prob (pi_k generated them; w = 1 exactly); pi_{k-1} on rows of
+    age 1 is their behaviour log-prob too (pi_{k-1} generated them and ``models.prev`` holds
+    pi_{k-1}); the critic has not moved since it valued this iteration's fresh rows, so their
+    values are the stored ones. Only the reference runs on every row. Outside the loss mask
+    every result is 0.
+    """
+    mask = packed["mask"]
+    everything = torch.ones_like(ages, dtype=torch.bool)
+    actor = partial(_logprobs_only, models.actor.chunks, state=state)
+    pik = _rows_forward(actor, records, ages > 0 if reuse_known else everything, packed["behaviour"], mask, cfg, state)
+    ref = _rows_forward(partial(_logprobs_only, models.ref, state=state), records, everything, torch.zeros_like(mask),
+                        mask, cfg, state)
+    prev = _rows_forward(partial(_logprobs_only, models.prev, state=state), records,
+                         ages != 1 if reuse_known else everything, packed["behaviour"], mask, cfg, state)
+    values = None
+    if models.critic is not None:
+        critic = partial(forward_values, models.critic.chunks, state=state)
+        values = _rows_forward(critic, records, ages > 0 if reuse_known else everything, packed["old_values"],
+                               mask, cfg, state)
+    return pik, ref, prev, values
+
+
+def _logprobs_only(chunks, micro_batches, *, state: ParallelState) -> torch.Tensor:
+    return forward_logprobs(chunks, micro_batches, state)[0]
+
+
 def _training_batches(k: int, batch, cfg: ExperimentConfig, state: ParallelState, models: Models):
     """pi_k / ref / prev log-probs, values and advantages for this rank's mixed batch, and the
     number of minibatch steps per UTD pass (rows are shuffled once, so minibatches mix ages)."""
@@ -263,14 +315,8 @@ def _training_batches(k: int, batch, cfg: ExperimentConfig, state: ParallelState
     ages = torch.from_numpy(np.concatenate([batch.ages[order], np.full(len(records) - real, batch.ages[order][-1])]))
     packed = _pack(records, cfg.trainer.seq_length, pad_id=0, multiple=_pack_multiple(state))
     packed["mask"][real:] = 0.0
-    plain = _micro_batches(packed, cfg.trainer.micro_batch_size)
-    pik, _ = forward_logprobs(models.actor.chunks, plain, state)
-    fresh = (ages == 0).unsqueeze(-1)
-    pik = torch.where(fresh, packed["behaviour"], pik.cpu())  # fresh samples: w = pi_k / b = 1 exactly
-    ref, _ = forward_logprobs(models.ref, plain, state)
-    prev, _ = forward_logprobs(models.prev, plain, state)
+    pik, ref, prev, values = _batch_forwards(records, ages, packed, models, cfg, state)
     _copy_weights(models.actor.unwrapped(), models.prev)  # prev now holds pi_k, for iteration k+1
-    values = forward_values(models.critic.chunks, plain, state).cpu() if models.critic is not None else None
     alg = cfg.algorithm
     if alg.advantage_estimator == "grpo" and alg.grpo_replay_advantage == "stored":
         stored = torch.tensor([r.extra["grpo_advantage"] for r in records], dtype=torch.float32)

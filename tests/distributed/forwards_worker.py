@@ -1,0 +1,103 @@
+"""torchrun worker for the skipped-forward test: a mixed batch (fresh, age 1, age 2) through
+``trainer._batch_forwards`` with and without reusing what is already known.
+
+python -m torch.distributed.run --nproc_per_node N -m tests.distributed.forwards_worker TINY OUT [overrides]
+
+pi_1 generates (and values) the age-1 rows, pi_2 = pi_1 moved by noise the fresh rows; the age-2
+rows carry made-up behaviour log-probs and values, as they would from an older policy. ``prev``
+holds pi_1 and the critic is the one that valued the fresh rows, as in the loop.
+"""
+
+import json
+import sys
+
+import numpy as np
+import torch
+
+from remix_megatron import trainer
+from remix_megatron.config import load_config
+from remix_megatron.data import PromptSource, load_records
+from remix_megatron.parallel import destroy_parallel, init_parallel
+from remix_megatron.store import Trajectory
+
+
+def perturb(chunks, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for chunk in chunks:
+            for _, param in chunk.named_parameters():
+                param.add_(torch.randn(param.shape, generator=gen) * 0.05)
+
+
+def records_for(prompts, iteration: int, seed: int) -> list[Trajectory]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for index, prompt in enumerate(prompts):
+        response = rng.integers(4, 36, size=int(rng.integers(3, 13)))
+        out.append(Trajectory(iteration=iteration, prompt_id=prompt.id, group_id=index, prompt_tokens=prompt.token_ids,
+                              response_tokens=response, reward=float(rng.integers(0, 2)),
+                              behaviour_logprobs=np.zeros(response.size, dtype=np.float32), finish_reason="stop"))
+    return out
+
+
+def with_forwards(records, models, cfg, state, *, fake: int | None = None) -> list[Trajectory]:
+    behaviour, values = trainer._behaviour_and_values(records, models, cfg, state)
+    if fake is not None:  # an older policy's numbers: anything but the current models'
+        rng = np.random.default_rng(fake)
+        behaviour = [-rng.random(b.size).astype(np.float32) for b in behaviour]
+        values = [rng.random(v.size).astype(np.float32) for v in values]
+    return [Trajectory(iteration=r.iteration, prompt_id=r.prompt_id, group_id=r.group_id, prompt_tokens=r.prompt_tokens,
+                       response_tokens=r.response_tokens, reward=r.reward, behaviour_logprobs=b, values=v,
+                       finish_reason="stop")
+            for r, b, v in zip(records, behaviour, values)]
+
+
+def main(tiny: str, out: str, *overrides: str) -> None:
+    cfg = load_config("configs/tiny_remix_ppo.yaml", [f"model.hf_path={tiny}", f"data.train_path={tiny}/train.jsonl",
+                                                      "trainer.micro_batch_size=4", *overrides])
+    state = init_parallel(cfg)
+    models = trainer._build_models(cfg, state)
+    from transformers import AutoTokenizer
+
+    source = PromptSource(load_records(cfg.data.train_path)[:30], AutoTokenizer.from_pretrained(tiny),
+                          template=cfg.data.template, max_prompt_tokens=cfg.rollout.max_prompt_tokens)
+    prompts = source.prompts
+    age1 = with_forwards(records_for(prompts[:10], 1, seed=1), models, cfg, state)  # pi_1, critic_1
+    trainer._copy_weights(models.actor.unwrapped(), models.prev)  # the loop's copy at iteration 1
+    perturb(models.actor.chunks, seed=2)  # pi_2
+    perturb(models.critic.chunks, seed=3)
+    fresh = with_forwards(records_for(prompts[10:20], 2, seed=4), models, cfg, state)
+    age2 = with_forwards(records_for(prompts[20:30], 0, seed=5), models, cfg, state, fake=6)
+    order = np.random.default_rng(7).permutation(30)
+    pool, ages = age1 + fresh + age2, np.array([1] * 10 + [0] * 10 + [2] * 10)
+    records, real = trainer._pad_rows([pool[i] for i in order], 4, minimum=32)
+    ages = torch.from_numpy(np.concatenate([ages[order], np.full(len(records) - real, ages[order][-1])]))
+    packed = trainer._pack(records, cfg.trainer.seq_length, pad_id=0, multiple=trainer._pack_multiple(state))
+    packed["mask"][real:] = 0.0
+
+    forwarded_rows = []
+    counted = trainer.forward_logprobs
+
+    def counting(chunks, batches, state):
+        forwarded_rows.append(sum(b.tokens.size(0) for b in batches))
+        return counted(chunks, batches, state)
+
+    trainer.forward_logprobs = counting
+    reused = trainer._batch_forwards(records, ages, packed, models, cfg, state)
+    rows_reused = sum(forwarded_rows)
+    forwarded_rows.clear()
+    full = trainer._batch_forwards(records, ages, packed, models, cfg, state, reuse_known=False)
+    rows_full = sum(forwarded_rows)
+    mask = packed["mask"]
+    result = {"rows_reused": rows_reused, "rows_full": rows_full,
+              "max_gap": {name: float(((a - b) * mask).abs().max()) for name, a, b in zip(("pik", "ref", "prev", "values"),
+                                                                                           reused, full)},
+              "outside_mask": max(float((t * (1 - mask)).abs().max()) for t in reused),
+              "age2_differs": float(((reused[0] - packed["behaviour"]).abs() * mask)[ages == 2].max())}
+    with open(f"{out}.rank{state.rank}.json", "w") as f:
+        json.dump(result, f)
+    destroy_parallel()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
