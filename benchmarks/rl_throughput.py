@@ -1,27 +1,50 @@
 """RL loop throughput on the tiny task: seconds per 1k rollouts and where a step's time goes.
 
-Runs a few ReMix-PPO iterations of ``configs/tiny_remix_ppo.yaml`` in this process (TP1) with
-``--prompts`` rollouts per step, then reports seconds per 1,000 rollouts (first iteration
-excluded as warm-up) and each phase's share of the step: weight sync, generation (with
-grading and the behaviour log-prob / value pass), store write + publish, pi_k/ref/prev
-log-probs + advantages, and the UTD updates. Targets (issue 8): <= 4 s per 1k rollouts at
-~13-token completions and 256 rollouts per step; <= 5% of a step outside generation,
-grading and model forward/backward (here: sync + store).
+Runs a few iterations of a tiny config (default ``configs/tiny_remix_ppo.yaml``; ``--config
+configs/tiny_ppo.yaml`` for the on-policy baseline) in this process (TP1) with ``--prompts``
+rollouts per step, then reports seconds per 1,000 rollouts generated (first iteration excluded
+as warm-up) and each phase's share of the step: weight sync, generation (with grading and the
+behaviour log-prob / value pass), store write + publish, pi_k/ref/prev log-probs + advantages,
+and the UTD updates. Targets (issue 8): <= 4 s per 1k rollouts at ~13-token completions and 256
+rollouts per step; <= 5% of a step outside generation, grading and model forward/backward (here:
+sync + store).
 
-    .venv/bin/python benchmarks/rl_throughput.py [--prompts 256 --iterations 4]
+It also prints a floor for the update phase alone: 6 x parameters x trained tokens x UTD x
+(actor + critic) FLOPs at the fp32 matmul rate of this machine (a [768, 128] x [128, 704] mm,
+the tiny model's widest layer, measured here), per 1k rollouts generated. No software change
+gets the update below that floor in fp32 on these cores.
+
+    .venv/bin/python benchmarks/rl_throughput.py [--config C --prompts 256 --iterations 4 --micro-batch 32]
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+import time
+
+
+def matmul_gflops(repeats: int = 200) -> float:
+    import torch
+
+    a, b = torch.randn(768, 128), torch.randn(128, 704)
+    for _ in range(20):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * 768 * 128 * 704 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/tiny_remix_ppo.yaml")
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--iterations", type=int, default=4)
+    parser.add_argument("--micro-batch", type=int, default=32)
     args = parser.parse_args()
+
+    import json
 
     from remix_megatron.config import load_config
     from remix_megatron.data.tiny import build_tiny_model
@@ -30,22 +53,33 @@ def main() -> None:
 
     tiny = build_tiny_model()
     run = tempfile.mkdtemp(prefix="rl-bench-")
-    cfg = load_config("configs/tiny_remix_ppo.yaml", [
+    cfg = load_config(args.config, [
         f"model.hf_path={tiny}", f"data.train_path={tiny}/train.jsonl", "data.eval_interval=0",
         f"rollout.prompts_per_step={args.prompts}", f"trainer.num_steps={args.iterations}",
-        "trainer.save_interval=-1", f"trainer.run_dir={run}", "trainer.micro_batch_size=32"])
+        "trainer.save_interval=-1", f"trainer.run_dir={run}", f"trainer.micro_batch_size={args.micro_batch}"])
     history = [r for r in train(cfg) if r["iteration"] > 1]  # the first iteration has nothing to replay
     destroy_parallel()
     total = sum(r["time/iteration_s"] for r in history)
     rollouts = sum(r["rollouts"] for r in history)
     tokens = sum(r["rollouts"] * r["response_length"] for r in history)
-    print(f"{len(history)} iterations, {rollouts} rollouts of {tokens / rollouts:.1f} tokens on average")
+    print(f"{args.config}: {len(history)} iterations, {rollouts} rollouts of {tokens / rollouts:.1f} tokens on average")
     print(f"  seconds per 1k rollouts: {1000 * total / rollouts:.1f} (target <= 4 at ~13-token completions)")
     for phase in ("sync", "generate", "store", "logprobs", "update"):
         share = sum(r[f"time/{phase}_s"] for r in history) / total
         print(f"  {phase:9s} {100 * share:5.1f}% of the step")
     outside = sum(r["time/sync_s"] + r["time/store_s"] for r in history) / total
     print(f"  outside generation, grading and forward/backward (sync + store): {100 * outside:.1f}% (target <= 5%)")
+
+    parameters = json.loads((tiny / "BUILD.json").read_text())["parameters"]
+    models = 2 if cfg.algorithm.advantage_estimator in ("gae", "vtrace_gae") else 1
+    prompt_tokens = 9  # <|user|>a+b=<|end|><|assistant|>
+    trained = sum(cfg.rollout.prompts_per_step * (prompt_tokens + r["response_length"]) * r["utd"] for r in history)
+    flops = 6 * parameters * trained * models
+    rate = matmul_gflops()
+    update = sum(r["time/update_s"] for r in history)
+    print(f"  update: {flops / 1e9:.0f} GFLOP for {rollouts} rollouts at UTD {history[-1]['utd']} x {models} model(s); "
+          f"fp32 matmul here {rate:.0f} GFLOP/s -> floor {1000 * flops / 1e9 / rate / rollouts:.1f} s per 1k rollouts "
+          f"(measured {1000 * update / rollouts:.1f}, {flops / 1e9 / update:.0f} GFLOP/s)")
 
 
 if __name__ == "__main__":
