@@ -38,8 +38,12 @@ RUNS = {  # name -> (config, overrides)
     "grpo": ("configs/tiny_grpo.yaml", []),
     "control_no_update": ("configs/tiny_remix_ppo.yaml", ["trainer.control=no_update"]),
     "control_shuffled_rewards": ("configs/tiny_remix_ppo.yaml", ["trainer.control=shuffled_rewards"]),
+    # An ablation, run only when named in --runs: ReMix-PPO with PPO's clip window (centred at 1,
+    # ratio still against the behaviour policy) in place of Mix-PPG's window centred at pi_k / b.
+    "remix_ppo_ppo_clip": ("configs/tiny_remix_ppo.yaml", ["algorithm.policy_loss=ppo"]),
 }
-PAIRS = (("ppo", "remix_ppo"), ("grpo", "remix_grpo"))
+DEFAULT_RUNS = ("remix_ppo", "ppo", "remix_grpo", "grpo", "control_no_update", "control_shuffled_rewards")
+PAIRS = (("ppo", "remix_ppo"), ("grpo", "remix_grpo"), ("ppo", "remix_ppo_ppo_clip"))
 
 
 def steps_for_budget(config: str, budget: int) -> int:
@@ -104,7 +108,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=7680, help="rollouts per run (PPO: 120 steps of 64)")
     parser.add_argument("--target", type=float, default=0.35, help="held-out accuracy to reach")
     parser.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations")
-    parser.add_argument("--runs", default=",".join(RUNS), help="which runs (default: all)")
+    parser.add_argument("--runs", default=",".join(DEFAULT_RUNS),
+                        help=f"which runs (default: all but the ablation; any of {', '.join(RUNS)})")
     parser.add_argument("--out", default="runs/sample_efficiency", help="run directories, plot and JSON")
     args = parser.parse_args()
 
@@ -116,6 +121,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     names = [n for n in args.runs.split(",") if n]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        parser.error(f"unknown run(s) {', '.join(unknown)}; choose from {', '.join(RUNS)}")
     curves = {name: {seed: curve(run(name, seed, args.budget, args.eval_every, tiny, out), "eval_accuracy")
                      for seed in seeds}
               for name in names}
