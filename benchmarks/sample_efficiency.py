@@ -38,12 +38,13 @@ RUNS = {  # name -> (config, overrides)
     "grpo": ("configs/tiny_grpo.yaml", []),
     "control_no_update": ("configs/tiny_remix_ppo.yaml", ["trainer.control=no_update"]),
     "control_shuffled_rewards": ("configs/tiny_remix_ppo.yaml", ["trainer.control=shuffled_rewards"]),
-    # An ablation, run only when named in --runs: ReMix-PPO with PPO's clip window (centred at 1,
-    # ratio still against the behaviour policy) in place of Mix-PPG's window centred at pi_k / b.
+    # Ablations, run only when named in --runs: ReMix with PPO's clip window (centred at 1, ratio
+    # still against the behaviour policy) in place of Mix-PPG's window centred at pi_k / b.
     "remix_ppo_ppo_clip": ("configs/tiny_remix_ppo.yaml", ["algorithm.policy_loss=ppo"]),
+    "remix_grpo_ppo_clip": ("configs/tiny_remix_grpo.yaml", ["algorithm.policy_loss=ppo"]),
 }
 DEFAULT_RUNS = ("remix_ppo", "ppo", "remix_grpo", "grpo", "control_no_update", "control_shuffled_rewards")
-PAIRS = (("ppo", "remix_ppo"), ("grpo", "remix_grpo"), ("ppo", "remix_ppo_ppo_clip"))
+PAIRS = (("ppo", "remix_ppo"), ("grpo", "remix_grpo"), ("ppo", "remix_ppo_ppo_clip"), ("grpo", "remix_grpo_ppo_clip"))
 
 
 def steps_for_budget(config: str, budget: int) -> int:
