@@ -46,12 +46,11 @@ from remix_megatron.evaluation.runner import EvalSettings, evaluate_benchmarks, 
 from remix_megatron.metrics_log import RunLog
 from remix_megatron.models import build_actor, build_critic, make_trainable
 from remix_megatron.parallel import ParallelState, init_parallel
+from remix_megatron.planning import CRITIC_ESTIMATORS
 from remix_megatron.rewards import REWARDS
 from remix_megatron.rollout import SamplingParams, get_engine_factory
 from remix_megatron.rollout.weight_sync import check_logprob_gap, logprob_gap, sync_weights
 from remix_megatron.store import MixedSampler, Trajectory, open_store
-
-CRITIC_ESTIMATORS = ("gae", "vtrace_gae")
 
 
 @dataclass
@@ -287,17 +286,18 @@ def _batch_forwards(records: list[Trajectory], ages: torch.Tensor, packed: dict,
     """
     mask = packed["mask"]
     everything = torch.ones_like(ages, dtype=torch.bool)
-    actor = partial(_logprobs_only, models.actor.chunks, state=state)
-    pik = _rows_forward(actor, records, ages > 0 if reuse_known else everything, packed["behaviour"], mask, cfg, state)
-    ref = _rows_forward(partial(_logprobs_only, models.ref, state=state), records, everything, torch.zeros_like(mask),
-                        mask, cfg, state)
-    prev = _rows_forward(partial(_logprobs_only, models.prev, state=state), records,
-                         ages != 1 if reuse_known else everything, packed["behaviour"], mask, cfg, state)
+    replayed = ages > 0 if reuse_known else everything  # pi_k and the critic: fresh rows are known
+    not_age1 = ages != 1 if reuse_known else everything  # pi_{k-1}: age-1 rows are known
+
+    def rows(forward, needed, known):
+        return _rows_forward(forward, records, needed, known, mask, cfg, state)
+
+    pik = rows(partial(_logprobs_only, models.actor.chunks, state=state), replayed, packed["behaviour"])
+    ref = rows(partial(_logprobs_only, models.ref, state=state), everything, torch.zeros_like(mask))
+    prev = rows(partial(_logprobs_only, models.prev, state=state), not_age1, packed["behaviour"])
     values = None
     if models.critic is not None:
-        critic = partial(forward_values, models.critic.chunks, state=state)
-        values = _rows_forward(critic, records, ages > 0 if reuse_known else everything, packed["old_values"],
-                               mask, cfg, state)
+        values = rows(partial(forward_values, models.critic.chunks, state=state), replayed, packed["old_values"])
     return pik, ref, prev, values
 
 
