@@ -326,6 +326,8 @@ class RolloutConfig:
     top_p: float = doc("nucleus sampling", 1.0)
     top_k: int = doc("top-k sampling; -1 = off", -1)
     gpu_memory_utilization: float = doc("vllm/sglang: share of GPU memory the awake engine may take", 0.5)
+    hf_batch_size: int = doc("hf engine: prompts per model.generate call (larger is faster, needs more memory; "
+                             "vllm/sglang schedule their own batches)", 256)
     weight_sync_bucket_mb: int = doc("weight sync: MB of HF-named tensors sent to the engine per bucket", 512)
     logprob_check_interval: int = doc("compare engine and actor log-probs every this many syncs; 0 = never", 1)
     logprob_check_threshold: float = doc("warn when the mean |engine - actor| log-prob gap exceeds this", 0.05)
@@ -333,7 +335,7 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         _require_choice("rollout.engine", self.engine, ENGINE_NAMES)
         _require_positive(self, "prompts_per_step", "responses_per_prompt", "max_prompt_tokens", "max_new_tokens",
-                          "top_p", "weight_sync_bucket_mb", "logprob_check_threshold")
+                          "top_p", "weight_sync_bucket_mb", "logprob_check_threshold", "hf_batch_size")
         _require(self.temperature >= 0, f"rollout.temperature={self.temperature} must be >= 0")
         _require(self.top_p <= 1, f"rollout.top_p={self.top_p} must be <= 1")
         _require(self.top_k == -1 or self.top_k >= 1, f"rollout.top_k={self.top_k} must be -1 (off) or >= 1")

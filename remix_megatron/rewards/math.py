@@ -5,8 +5,11 @@
 - The answer is the content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) there, braces
   matched; no box means reward 0. (math-verify's own extraction falls back to the last bare
   number, which would reward unformatted output, so we extract the box ourselves.)
-- The boxed answer and the reference are equivalent if math-verify (sympy) says so, or if
-  their normalised strings are equal (for answers sympy cannot parse, e.g. ``\\text{(C)}``).
+- The boxed answer and the reference are equivalent if their normalised strings are equal
+  (also for answers sympy cannot parse, e.g. ``\\text{(C)}``), or if math-verify (sympy) says so.
+  Two plain integers (``-12``, ``007``) are compared exactly without sympy: the verdict
+  math-verify gives, at a thousandth of its cost (most math answers are integers; a wrong
+  integer answer was the grader's slowest common case). A reference is parsed once per grader.
 - Each comparison has a timeout (math-verify's, signal based, in the main thread) so a
   pathological expression cannot hang a rank; a timeout or an error grades 0 and is counted
   (math-verify swallows its own timeouts, so one is counted when a comparison runs that long).
@@ -21,6 +24,7 @@ from typing import Sequence
 
 _BOX_OPENERS = ("\\boxed{", "\\fbox{")
 _SPACES = re.compile(r"\s+")
+_INTEGER = re.compile(r"^[+-]?\d+$")
 
 
 def answer_region(response: str) -> str:
@@ -51,6 +55,12 @@ def _normalise(answer: str) -> str:
     return _SPACES.sub("", answer).rstrip(".")
 
 
+def _canonical_integer(text: str) -> str:
+    """``-007`` -> ``-7``, ``+0`` -> ``0``: equal strings iff equal integers (no int(): any length)."""
+    digits = text.lstrip("+-").lstrip("0") or "0"
+    return f"-{digits}" if text.startswith("-") and digits != "0" else digits
+
+
 @dataclass
 class GradeStats:
     """Counts over a batch, for logging."""
@@ -73,15 +83,28 @@ class MathGrader:
         from math_verify import LatexExtractionConfig  # a required dependency; imported here to keep import cheap
 
         self._extraction = [LatexExtractionConfig()]
+        self._gold: dict[str, list] = {}  # reference -> its math-verify parse (a dataset has few distinct ones)
+
+    def _parse(self, answer: str) -> list:
+        from math_verify import parse
+
+        timeout = max(int(round(self.timeout_s)), 1)
+        return parse(f"\\boxed{{{answer}}}", extraction_config=self._extraction, parsing_timeout=timeout)
 
     def _equivalent(self, answer: str, reference: str) -> bool:
-        from math_verify import parse, verify
+        from math_verify import verify
 
-        if _normalise(answer) == _normalise(reference):
+        normalised, expected = _normalise(answer), _normalise(reference)
+        if normalised == expected:
             return True
+        if _INTEGER.match(normalised) and _INTEGER.match(expected):
+            return _canonical_integer(normalised) == _canonical_integer(expected)
+        if reference not in self._gold:
+            if len(self._gold) >= 65536:
+                self._gold.clear()
+            self._gold[reference] = self._parse(reference)
+        gold, target = self._gold[reference], self._parse(answer)
         timeout = max(int(round(self.timeout_s)), 1)
-        gold = parse(f"\\boxed{{{reference}}}", extraction_config=self._extraction, parsing_timeout=timeout)
-        target = parse(f"\\boxed{{{answer}}}", extraction_config=self._extraction, parsing_timeout=timeout)
         return bool(gold and target and verify(gold, target, timeout_seconds=timeout))
 
     def grade(self, response: str, reference: str, stats: GradeStats | None = None) -> float:

@@ -19,7 +19,7 @@ from remix_megatron.rollout.engine import ENGINES, Generation, SamplingParams
 
 class HFEngine:
     def __init__(self, hf_dir: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 batch_size: int = 64) -> None:
+                 batch_size: int = 256) -> None:
         from transformers import AutoModelForCausalLM, GenerationConfig
 
         self.device, self.batch_size = torch.device(device), batch_size
@@ -116,8 +116,9 @@ class HFEngine:
 
 def make_hf_engine(rollout, model, state, hf_dir: str, *, seed: int = 0) -> HFEngine:
     """Factory for ``rollout.engine=hf`` (one engine per rank; no TP inside the engine)."""
-    del rollout, model, seed
-    return HFEngine(hf_dir, device=state.runtime.device, dtype=state.runtime.params_dtype)
+    del model, seed
+    return HFEngine(hf_dir, device=state.runtime.device, dtype=state.runtime.params_dtype,
+                    batch_size=rollout.hf_batch_size)
 
 
 ENGINES.register("hf", make_hf_engine)

@@ -104,3 +104,24 @@ def test_bad_input_and_registry(engine):
     with pytest.raises(ValueError, match="temperature=-1"):
         SamplingParams(temperature=-1)
     assert "hf" in ENGINES
+
+
+def test_batch_size_splits_prompts_without_changing_greedy_results(hf_dirs):
+    """``rollout.hf_batch_size`` reaches the engine; greedy output per prompt does not depend on
+    how many prompts share a ``model.generate`` call (left padding is masked out)."""
+    from types import SimpleNamespace
+
+    from remix_megatron.config import RolloutConfig
+
+    state = SimpleNamespace(runtime=SimpleNamespace(device=torch.device("cpu"), params_dtype=torch.float32))
+    engine = ENGINES.get("hf")(RolloutConfig(hf_batch_size=2), None, state, str(hf_dirs[0]))
+    assert engine.batch_size == 2
+    calls = []
+    original = engine._generate_batch
+    engine._generate_batch = lambda prompts, params: calls.append(len(prompts)) or original(prompts, params)
+    params = SamplingParams(temperature=0.0, max_new_tokens=5)
+    split = engine.generate(PROMPTS, params)
+    assert calls == [2, 1]
+    whole = HFEngine(str(hf_dirs[0]), batch_size=len(PROMPTS)).generate(PROMPTS, params)
+    for prompt, (a,), (b,) in zip(PROMPTS, split, whole):
+        assert a.token_ids.tolist() == b.token_ids.tolist() == greedy_reference(engine.model, prompt, 5)

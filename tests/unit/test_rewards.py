@@ -95,3 +95,44 @@ def test_every_reference_answer_in_shared_data(grader):
             failures.append((source, row["id"], answer, "perturbed"))
     assert len(rows) > 9000
     assert not failures, f"{len(failures)} of {len(rows)}: {failures[:10]}"
+
+
+def _integer_pairs():
+    """(answer, reference) pairs over the integer references in ../shared/data: equal, unequal,
+    with signs, leading zeros and long digit strings."""
+    references = sorted({row["answer"].strip() for _, row in _answers() if row["answer"].strip().lstrip("-").isdigit()})
+    assert len(references) > 500
+    pairs = [("0", "-0"), ("+5", "5"), ("-12", "12"), ("007", "7"), ("7" * 40, "7" * 40 + "0"), ("1" * 5000, "1")]
+    for reference in references[::7]:
+        sign, digits = ("-", reference[1:]) if reference.startswith("-") else ("", reference)
+        pairs += [(reference, reference), (_perturb(reference), reference), (f"{sign}0{digits}", reference),
+                  (f"-{digits}", reference), (f"+{digits}", reference), (reference + "0", reference)]
+    return pairs
+
+
+def test_integer_fast_path_agrees_with_math_verify(grader):
+    """Plain integers are compared without sympy, with the verdict math-verify itself gives."""
+    from math_verify import parse, verify
+
+    pairs = _integer_pairs()
+    fast = MathGrader(timeout_s=2.0)
+    fast._parse = None  # the fast path must not parse: calling it would raise TypeError
+    extraction = grader._extraction
+    for answer, reference in pairs:
+        got = fast.grade(f"\\boxed{{{answer}}}", reference)
+        if len(answer) > 1000:  # beyond what math-verify parses; any such answer to a short reference is wrong
+            assert got == 0.0
+            continue
+        gold = parse(f"\\boxed{{{reference}}}", extraction_config=extraction)
+        target = parse(f"\\boxed{{{answer}}}", extraction_config=extraction)
+        assert got == float(verify(gold, target)), (answer, reference)
+
+
+def test_reference_is_parsed_once(grader, monkeypatch):
+    fresh = MathGrader(timeout_s=2.0)
+    parsed = []
+    original = fresh._parse
+    monkeypatch.setattr(fresh, "_parse", lambda text: parsed.append(text) or original(text))
+    scores, _ = fresh(["\\boxed{\\frac{1}{2}}", "\\boxed{0.25}", "\\boxed{2/4}"], ["0.5"] * 3)
+    assert scores == [1.0, 0.0, 1.0]
+    assert parsed.count("0.5") == 1 and len(parsed) == 4
