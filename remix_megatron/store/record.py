@@ -123,33 +123,61 @@ def to_table(records: Sequence[Trajectory], extra_columns: Sequence[str]) -> pa.
     return pa.Table.from_arrays(columns, schema=arrow_schema(extra_columns))
 
 
-def _split(column: pa.ChunkedArray, np_dtype) -> list[np.ndarray | None]:
+def _split(column: pa.ChunkedArray, np_dtype) -> tuple[list[np.ndarray | None], np.ndarray]:
+    """Per-row views of a list column, and the rows' lengths (-1 for a null row)."""
     out: list[np.ndarray | None] = []
+    lengths = []
     for chunk in column.chunks:
         if chunk.null_count == len(chunk):
             out.extend([None] * len(chunk))
+            lengths.append(np.full(len(chunk), -1))
             continue
         offsets = chunk.offsets.to_numpy()
         flat = chunk.values.to_numpy(zero_copy_only=False).astype(np_dtype, copy=False)
         out.extend(flat[offsets[i]:offsets[i + 1]] for i in range(len(chunk)))
-    return out
+        lengths.append(np.diff(offsets))
+    return out, np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+
+
+def _record(**fields) -> Trajectory:
+    """A Trajectory whose fields ``from_table`` has already checked (column-wise, at once):
+    ``__post_init__``'s per-record conversions and checks are skipped."""
+    record = object.__new__(Trajectory)
+    record.__dict__.update(fields)  # a frozen dataclass: its own __setattr__ refuses
+    return record
 
 
 def from_table(table: pa.Table, extra_columns: Sequence[str], rows: Sequence[int] | None = None) -> list[Trajectory]:
     """An Arrow table of the store's schema -> records (all, or those at ``rows``, in that order).
 
     Records of all rows share the table's buffers (zero-copy); records picked by ``rows`` own
-    copies of their arrays, so the table's other rows are freed with it.
+    copies of their arrays, so the table's other rows are freed with it. What ``Trajectory``
+    checks of one record is checked here for the whole table at once (array lengths, finish
+    reasons, iterations); a violation is a ``ValueError``.
     """
     picked = range(table.num_rows) if rows is None else [int(i) for i in rows]
     own = (lambda a: a) if rows is None else (lambda a: None if a is None else a.copy())  # noqa: E731
     plain = {name: table.column(name).to_pylist() for name in ("iteration", "prompt_id", "group_id", "reward",
                                                                 "finish_reason")}
     extras = {name: table.column(EXTRA_PREFIX + name).to_pylist() for name in extra_columns}
-    prompts, responses = _split(table.column("prompt_tokens"), np.int32), _split(table.column("response_tokens"), np.int32)
-    logprobs, values = _split(table.column("behaviour_logprobs"), np.float32), _split(table.column("values"), np.float32)
-    return [Trajectory(iteration=plain["iteration"][i], prompt_id=plain["prompt_id"][i], group_id=plain["group_id"][i],
-                       prompt_tokens=own(prompts[i]), response_tokens=own(responses[i]), reward=plain["reward"][i],
-                       behaviour_logprobs=own(logprobs[i]), finish_reason=plain["finish_reason"][i],
-                       values=own(values[i]), extra={name: extras[name][i] for name in extra_columns})
+    prompts, _ = _split(table.column("prompt_tokens"), np.int32)
+    responses, lengths = _split(table.column("response_tokens"), np.int32)
+    logprobs, logprob_lengths = _split(table.column("behaviour_logprobs"), np.float32)
+    values, value_lengths = _split(table.column("values"), np.float32)
+    stated = table.column("response_length").to_numpy()
+    bad = (logprob_lengths != lengths) | ((value_lengths != lengths) & (value_lengths != -1)) | (stated != lengths)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise ValueError(f"row {row} ({plain['prompt_id'][row]!r}): {lengths[row]} response tokens, "
+                         f"{logprob_lengths[row]} log-probs, {value_lengths[row]} values, response_length "
+                         f"{stated[row]}")
+    unknown = set(plain["finish_reason"]) - set(FINISH_REASONS)
+    if unknown:
+        raise ValueError(f"finish reasons {sorted(unknown)} are not among {', '.join(FINISH_REASONS)}")
+    if min(plain["iteration"], default=0) < 0:
+        raise ValueError(f"iteration {min(plain['iteration'])} < 0")
+    return [_record(iteration=plain["iteration"][i], prompt_id=plain["prompt_id"][i], group_id=plain["group_id"][i],
+                    prompt_tokens=own(prompts[i]), response_tokens=own(responses[i]), reward=plain["reward"][i],
+                    behaviour_logprobs=own(logprobs[i]), finish_reason=plain["finish_reason"][i],
+                    values=own(values[i]), extra={name: extras[name][i] for name in extra_columns})
             for i in picked]

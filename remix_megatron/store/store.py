@@ -34,7 +34,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -50,6 +50,7 @@ _ITER = re.compile(r"^iter_(\d{8})$")
 _SHARD = re.compile(r"^shard_r(\d{5})\.arrow$")
 _MANIFEST = re.compile(r"^iter_(\d{8})\.json$")
 _WRITEBACK_BYTES = 1 << 20  # a shard writer starts the disk write of every 1 MiB it has written
+_READ_AHEAD_BYTES = 256 << 20  # iter_shards queues the disk reads of this much of the following shards
 
 
 class StoreError(RuntimeError):
@@ -426,13 +427,28 @@ class TrajectoryStore:
 
     def read_iteration(self, iteration: int) -> list[Trajectory]:
         """Every record of a published iteration, shard by shard in rank order."""
-        records: list[Trajectory] = []
-        shards = self.info(iteration).shards
-        for shard in shards:
-            self.prefetch(shard)
-        for index in range(len(shards)):
-            records += self.read_shard(iteration, index)
-        return records
+        return [record for _, _, records in self.iter_shards([iteration]) for record in records]
+
+    def iter_shards(self, iterations: Iterable[int] | None = None, *, rank: int | None = None,
+                    read_ahead_bytes: int = _READ_AHEAD_BYTES) -> Iterator[tuple[int, int, list[Trajectory]]]:
+        """``(iteration, shard index, records)`` for every shard of ``iterations`` (default: every
+        published one), in order; ``rank`` keeps only that writer rank's shards.
+
+        For reading a store through (export, analysis, verification): the disk reads up to
+        ``read_ahead_bytes`` of the following shards (at least one) while this one is checked
+        and decoded, which roughly doubles the throughput of a cold read.
+        """
+        plan = [(iteration, index, shard) for iteration in (self.iterations() if iterations is None else iterations)
+                for index, shard in enumerate(self.info(iteration).shards) if rank is None or shard.rank == rank]
+        queued, queued_bytes = 0, 0  # shards whose read is queued; their bytes not yet consumed
+        for position, (iteration, index, shard) in enumerate(plan):
+            while queued < len(plan) and (queued <= position + 1 or queued_bytes + plan[queued][2].bytes <= read_ahead_bytes):
+                self.prefetch(plan[queued][2])
+                queued_bytes += plan[queued][2].bytes
+                queued += 1
+            records = self.read_shard(iteration, index)
+            queued_bytes -= shard.bytes
+            yield iteration, index, records
 
     def read_shard(self, iteration: int, shard_index: int) -> list[Trajectory]:
         """Every record of one shard of a published iteration (one sequential read)."""
@@ -440,7 +456,7 @@ class TrajectoryStore:
         table = self._read_table(shard)
         if table.num_rows != shard.rows:
             raise StoreError(f"{self.root / shard.file}: {table.num_rows} rows, manifest says {shard.rows}")
-        return from_table(table, self.extra_columns)
+        return self._records(shard, table)
 
     def group_ids(self, iteration: int) -> list[np.ndarray]:
         """The ``group_id`` of every row, per shard (from the manifest: no shard is read)."""
@@ -471,7 +487,13 @@ class TrajectoryStore:
             offsets[index] = position
             position += int(starts[index + 1] - starts[index])
         local = [offsets[g] + int(r - starts[g]) for r, g in zip(rows_array.tolist(), batch_of.tolist())]
-        return from_table(table, self.extra_columns, rows=local)
+        return self._records(shard, table, local)
+
+    def _records(self, shard: ShardInfo, table: pa.Table, rows: Sequence[int] | None = None) -> list[Trajectory]:
+        try:
+            return from_table(table, self.extra_columns, rows=rows)
+        except ValueError as error:
+            raise StoreError(f"{self.root / shard.file}: invalid records ({error})") from None
 
     # retention ---------------------------------------------------------------------------
     def _remove(self, iterations: Iterable[int]) -> list[int]:
@@ -508,12 +530,15 @@ class TrajectoryStore:
         return removed
 
     def verify(self) -> list[str]:
-        """Read every published shard completely (every batch checksum); returns the problems found."""
+        """Read every published shard completely (every batch checksum, every row's consistency);
+        returns the problems found."""
         problems = []
         for iteration in self.iterations():
             try:
                 for shard in self.info(iteration).shards:
-                    rows = self._read_table(shard).num_rows
+                    table = self._read_table(shard)
+                    self._records(shard, table)  # the rows' own consistency (array lengths, finish reasons)
+                    rows = table.num_rows
                     if rows != shard.rows:
                         problems.append(f"{self.root / shard.file}: {rows} rows, manifest says {shard.rows}")
             except StoreError as error:

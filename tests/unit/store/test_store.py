@@ -223,3 +223,75 @@ def test_schema_mismatch_and_bad_manifest_are_named(tmp_path):
         store.info(0)
     with pytest.raises(StoreError, match="is not a trajectory store"):
         open_store(tmp_path / "nowhere")
+
+
+def test_records_read_back_have_the_types_trajectory_gives(tmp_path):
+    store, _ = _published(tmp_path)
+    for record in store.read_iteration(0) + store.read_rows(0, 0, [4, 2]):
+        assert isinstance(record, Trajectory) and record.response_length == record.response_tokens.size
+        assert record.prompt_tokens.dtype == record.response_tokens.dtype == np.int32
+        assert record.behaviour_logprobs.dtype == record.values.dtype == np.float32
+        with pytest.raises(AttributeError):
+            record.reward = 2.0  # still frozen
+
+
+def test_inconsistent_rows_with_valid_checksums_are_named(tmp_path, monkeypatch):
+    """What Trajectory checks per record is checked per table on read: a shard written by other
+    code with a log-prob list one short (or an unknown finish reason) is an error naming it."""
+    import pyarrow as pa
+
+    import remix_megatron.store.store as store_module
+    from remix_megatron.store.record import to_table
+
+    def short_logprobs(records, extra):
+        table = to_table(records, extra)
+        column = table.column("behaviour_logprobs").to_pylist()
+        column[2] = column[2][:-1]
+        return table.set_column(table.schema.get_field_index("behaviour_logprobs"), table.schema.field(
+            "behaviour_logprobs"), pa.array(column, pa.list_(pa.float32())))
+
+    def bad_reason(records, extra):
+        table = to_table(records, extra)
+        index = table.schema.get_field_index("finish_reason")
+        return table.set_column(index, table.schema.field(index), pa.array(["eos"] * table.num_rows))
+
+    store = open_store(tmp_path / "s", create=True)
+    records = [r for r in make_records(0, 8) if r.response_length > 1]
+    for iteration, corrupt, message in ((0, short_logprobs, "row 2 .* log-probs"), (1, bad_reason, "'eos'")):
+        monkeypatch.setattr(store_module, "to_table", corrupt)
+        store.write_shard(iteration, 0, [Trajectory(**{**r.__dict__, "iteration": iteration}) for r in records])
+        store.publish(iteration, 1)
+        monkeypatch.undo()
+        shard = store.shard_path(iteration, 0)
+        with pytest.raises(StoreError, match=f"{shard}: invalid records .*{message}"):
+            store.read_iteration(iteration)
+        with pytest.raises(StoreError, match=f"{shard}: invalid records"):
+            store.read_rows(iteration, 0, [0])
+        assert any(problem.startswith(f"{shard}: invalid records") for problem in store.verify())
+
+
+def test_iter_shards_reads_ahead_in_order(tmp_path, monkeypatch):
+    store = open_store(tmp_path / "s", create=True)
+    written = {}
+    for iteration in (2, 3, 5):
+        for rank in (0, 1):
+            written[iteration, rank] = make_records(iteration, 6, first_group=10 * rank)
+            store.write_shard(iteration, rank, written[iteration, rank])
+        store.publish(iteration, 2)
+    events = []
+    prefetch, read_shard = store.prefetch, store.read_shard
+    monkeypatch.setattr(store, "prefetch", lambda shard, *a: events.append(("prefetch", shard.file)) or prefetch(shard, *a))
+    monkeypatch.setattr(store, "read_shard", lambda k, i: events.append(("read", store.info(k).shards[i].file))
+                        or read_shard(k, i))
+    got = list(store.iter_shards(rank=1, read_ahead_bytes=0))
+    assert [(k, i) for k, i, _ in got] == [(2, 1), (3, 1), (5, 1)]
+    assert all(same_records(records, written[k, 1]) for k, _, records in got)
+    files = [store.info(k).shards[1].file for k in (2, 3, 5)]
+    # with no byte budget the disk still reads one shard ahead of decoding
+    assert events == [("prefetch", files[0]), ("prefetch", files[1]), ("read", files[0]), ("prefetch", files[2]),
+                      ("read", files[1]), ("read", files[2])]
+    events.clear()
+    everything = list(store.iter_shards([5, 2]))
+    assert [(k, i) for k, i, _ in everything] == [(5, 0), (5, 1), (2, 0), (2, 1)]
+    assert [e for e, _ in events[:4]] == ["prefetch"] * 4  # all four fit the default budget: queued up front
+    assert same_records(store.read_iteration(3), written[3, 0] + written[3, 1])
