@@ -173,21 +173,32 @@ class SGLangEngine:
             raise RuntimeError("SGLangEngine.generate called while asleep; call wake_up() first")
         # every rank checks the prompts, so a bad one fails everywhere instead of stalling the broadcast
         requests = sglang_requests(prompts, params)
-        result: list[list[Generation]] | None = None
+        result: list[list[Generation]] | BaseException | None = None
         if self._engine is not None:
-            outputs: Any = []
-            if requests.input_ids:
-                outputs = self._engine.generate(input_ids=requests.input_ids, sampling_params=requests.sampling_params,
-                                                return_logprob=params.return_logprobs)
-            if isinstance(outputs, Mapping):  # SGLang unwraps a batch of one request
-                outputs = [outputs]
-            result = group_generations(outputs, requests, len(prompts), with_logprobs=params.return_logprobs)
-        return self._share(result)
+            try:
+                outputs: Any = []
+                if requests.input_ids:
+                    outputs = self._engine.generate(input_ids=requests.input_ids,
+                                                    sampling_params=requests.sampling_params,
+                                                    return_logprob=params.return_logprobs)
+                if isinstance(outputs, Mapping):  # SGLang unwraps a batch of one request
+                    outputs = [outputs]
+                result = group_generations(outputs, requests, len(prompts), with_logprobs=params.return_logprobs)
+            except Exception as error:  # shared, so the group's other ranks raise too instead of waiting
+                if self._tensor_parallel == 1:
+                    raise
+                result = RuntimeError(f"SGLang generation failed on TP rank 0: {type(error).__name__}: {error}")
+        shared = self._share(result)
+        if isinstance(shared, BaseException):
+            raise shared
+        return shared
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Send full HF-named tensors (CUDA tensors: they travel by CUDA IPC) in buckets of
         ``rollout.weight_sync_bucket_mb``; each SGLang TP rank keeps its own shard."""
         self._check_live()
+        if self._asleep:  # released weight memory: a copy into it would be lost or worse
+            raise RuntimeError("SGLangEngine.update_weights called while asleep; call wake_up() first")
         bucket: list[tuple[str, torch.Tensor]] = []
         bucket_bytes = 0
         # Every rank walks the iterator: producing the full tensors may take collectives.
@@ -225,7 +236,12 @@ class SGLangEngine:
         self._barrier()
 
     def shutdown(self) -> None:
-        """Stop the scheduler subprocesses; the engine cannot be used afterwards."""
+        """Stop the scheduler subprocesses; the engine cannot be used afterwards.
+
+        SGLang's ``Engine.shutdown`` kills every child process of the calling one
+        (``kill_process_tree(os.getpid(), include_parent=False)``), not only its schedulers: the
+        trainer calls it once, at the end of a run, when the rank has no other children to keep.
+        """
         if not self._live:
             return
         if self._engine is not None:
@@ -239,7 +255,7 @@ class SGLangEngine:
         if isinstance(result, tuple) and result and not result[0]:
             raise RuntimeError(f"SGLang update_weights_from_tensor failed: {result[1] if len(result) > 1 else result}")
 
-    def _share(self, result: list[list[Generation]] | None) -> list[list[Generation]]:
+    def _share(self, result):
         if self._tensor_parallel == 1:
             assert result is not None
             return result
@@ -256,13 +272,20 @@ class SGLangEngine:
             raise RuntimeError("SGLangEngine was shut down")
 
 
+def sglang_context_length(rollout: RolloutConfig, model: ModelConfig) -> int:
+    """``context_length`` plus one, within the position table: some SGLang releases refuse a
+    request whose prompt + max_new_tokens *equals* the context length (``>=`` in
+    ``TokenizerManager._validate_one_request``), which vLLM and newer SGLang accept."""
+    return min(model.max_position_embeddings, context_length(rollout, model) + 1)
+
+
 def make_sglang_engine(rollout: RolloutConfig, model: ModelConfig, state: ParallelState, hf_dir: str, *,
                        seed: int = 0) -> SGLangEngine:
     """The registered factory: one SGLang engine per actor TP group, sized by ``rollout``."""
     return SGLangEngine(hf_dir=hf_dir, tensor_parallel=state.tensor_parallel, tp_rank=state.tp_rank,
                         tp_group=state.tp_group, base_gpu_id=state.local_rank,
                         mem_fraction_static=rollout.gpu_memory_utilization,
-                        context_length=context_length(rollout, model), seed=seed,
+                        context_length=sglang_context_length(rollout, model), seed=seed,
                         bucket_bytes=rollout.weight_sync_bucket_mb * 2**20)
 
 

@@ -82,6 +82,16 @@ def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
     }
 
 
+def vllm_request_seeds(params: SamplingParams, num_prompts: int) -> list[int | None]:
+    """One seed per prompt: ``seed + index * n``. vLLM seeds a request's k-th response with
+    ``seed + k`` (``vllm/v1/engine/parallel_sampling.py``), so every response of the call gets
+    its own seed, as in the SGLang engine. (One shared ``SamplingParams`` would give every
+    prompt the same seed: the same random draws for all prompts of a batch.)"""
+    if params.seed is None:
+        return [None] * num_prompts
+    return [params.seed + index * params.n for index in range(num_prompts)]
+
+
 def vllm_finish_reason(reason: object) -> str:
     """Our finish reason for vLLM's (a string or ``FinishReason``; None = never finished)."""
     if reason is None:
@@ -142,6 +152,10 @@ class VLLMEngine:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
         # Workers must run in this process (vLLM asserts it for the external launcher).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "").lower():
+            # sleep mode's CuMemAllocator (vllm/device_allocator/cumem.py) asserts on it, deep in start-up
+            raise RuntimeError("rollout.engine=vllm sleeps between rollouts, and vLLM's sleep mode does not work with "
+                               "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: unset it for colocated runs")
         self._vllm = vllm
         self._llm = vllm.LLM(
             model=hf_dir,
@@ -165,7 +179,9 @@ class VLLMEngine:
         requests = [{"prompt_token_ids": tokens} for tokens in token_id_lists(prompts)]
         if not requests:
             return []
-        sampling = self._vllm.SamplingParams(**vllm_sampling_kwargs(params))
+        kwargs = vllm_sampling_kwargs(params)
+        sampling = [self._vllm.SamplingParams(**{**kwargs, "seed": seed})
+                    for seed in vllm_request_seeds(params, len(requests))]
         outputs = llm.generate(requests, sampling, use_tqdm=False)
         return [vllm_output_to_generations(output, index, with_logprobs=params.return_logprobs)
                 for index, output in enumerate(outputs)]

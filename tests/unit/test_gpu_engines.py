@@ -20,10 +20,12 @@ from remix_megatron.config import ModelConfig, RolloutConfig
 from remix_megatron.parallel import ParallelState, Runtime
 from remix_megatron.rollout.engine import ENGINES, SamplingParams, context_length, token_id_lists
 from remix_megatron.rollout.sglang_engine import (
+    SGLangEngine,
     group_generations,
     make_sglang_engine,
     sglang_finish_reason,
     sglang_output_to_generation,
+    sglang_context_length,
     sglang_requests,
     sglang_sampling_params,
 )
@@ -32,6 +34,7 @@ from remix_megatron.rollout.vllm_engine import (
     sampled_token_logprobs,
     vllm_finish_reason,
     vllm_output_to_generations,
+    vllm_request_seeds,
     vllm_sampling_kwargs,
 )
 
@@ -160,6 +163,62 @@ def test_max_model_len_is_capped_by_positions():
     rollout = RolloutConfig(max_prompt_tokens=100, max_new_tokens=100)
     assert context_length(rollout, MODEL) == 200
     assert context_length(RolloutConfig(max_prompt_tokens=200, max_new_tokens=100), MODEL) == 256
+
+
+def test_sglang_context_length_leaves_one_token_of_room():
+    """Some SGLang releases refuse prompt + max_new_tokens == context length; one more, within
+    the position table."""
+    assert sglang_context_length(RolloutConfig(max_prompt_tokens=100, max_new_tokens=100), MODEL) == 201
+    assert sglang_context_length(RolloutConfig(max_prompt_tokens=200, max_new_tokens=100), MODEL) == 256
+
+
+def test_vllm_seeds_differ_for_every_response_of_a_call():
+    """vLLM adds k to a request's seed for its k-th response; one seed per prompt, n apart, makes
+    every (prompt, response) seed distinct, and the same call gives the same seeds."""
+    params = SamplingParams(n=3, seed=40)
+    seeds = vllm_request_seeds(params, 4)
+    assert seeds == [40, 43, 46, 49] == vllm_request_seeds(params, 4)
+    assert sorted(seed + k for seed in seeds for k in range(params.n)) == list(range(40, 52))
+    assert vllm_request_seeds(SamplingParams(n=2), 3) == [None, None, None]
+
+
+def _sglang_engine(tensor_parallel: int, engine) -> SGLangEngine:
+    """An SGLangEngine around a stand-in for sglang.Engine (its constructor needs the package)."""
+    instance = object.__new__(SGLangEngine)
+    instance.__dict__.update(_tensor_parallel=tensor_parallel, _tp_group=None, _bucket_bytes=1 << 20, _engine=engine,
+                             _live=True, _asleep=False)
+    return instance
+
+
+def test_sglang_failure_on_rank0_reaches_the_whole_tp_group(monkeypatch):
+    """A failed generate on the engine's rank is raised on every rank of the TP group (which
+    would otherwise wait for its results forever); with TP 1 the original error propagates."""
+    class Failing:
+        def generate(self, **kwargs):
+            raise ValueError("prompt too long")
+
+    with pytest.raises(ValueError, match="prompt too long"):
+        _sglang_engine(1, Failing()).generate([[1, 2]], SamplingParams(max_new_tokens=4))
+    shared = []
+
+    def broadcast(box, src, group):  # the group's view: what rank 0 puts in the box, every rank gets
+        if box[0] is None:
+            box[0] = shared[0]
+        else:
+            shared.append(box[0])
+
+    monkeypatch.setattr("torch.distributed.broadcast_object_list", broadcast)
+    monkeypatch.setattr("torch.distributed.get_global_rank", lambda group, rank: 0)
+    for engine in (Failing(), None):  # rank 0 (owns the engine), then rank 1 (receives)
+        with pytest.raises(RuntimeError, match="SGLang generation failed on TP rank 0: ValueError: prompt too long"):
+            _sglang_engine(2, engine).generate([[1, 2]], SamplingParams(max_new_tokens=4))
+
+
+def test_sglang_update_weights_while_asleep_is_refused():
+    engine = _sglang_engine(1, object())
+    engine._asleep = True
+    with pytest.raises(RuntimeError, match="asleep; call wake_up"):
+        engine.update_weights([("w", torch.zeros(1))])
 
 
 def test_empty_prompt_is_a_value_error():
@@ -334,3 +393,26 @@ def test_engine_round_trip_on_gpu(name, tmp_path, gpu_world):
         assert [g[0].token_ids.tolist() for g in changed] != [g[0].token_ids.tolist() for g in before]
     finally:
         engine.shutdown()
+
+
+def test_vllm_refuses_expandable_segments_up_front(monkeypatch):
+    """vLLM's sleep mode asserts deep inside start-up when the CUDA allocator uses expandable
+    segments; the engine says what to change before building anything."""
+    import remix_megatron.rollout.vllm_engine as vllm_engine
+
+    built = []
+    fake = types.SimpleNamespace(LLM=lambda **kwargs: built.append(kwargs))
+    monkeypatch.setattr(vllm_engine, "import_gpu_package", lambda name, hint: fake)
+    monkeypatch.setattr(vllm_engine.dist, "is_initialized", lambda: True)
+    for name in ("RANK", "LOCAL_RANK", "VLLM_ENABLE_V1_MULTIPROCESSING"):  # the engine sets them: restored after
+        monkeypatch.setenv(name, "unused")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512, expandable_segments:True")
+    arguments = dict(hf_dir="x", tensor_parallel=1, rank=0, local_rank=0, gpu_memory_utilization=0.5,
+                     max_model_len=64, seed=0)
+    with pytest.raises(RuntimeError, match="unset it for colocated runs"):
+        vllm_engine.VLLMEngine(**arguments)
+    assert not built
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    vllm_engine.VLLMEngine(**arguments)
+    assert built and built[0]["enable_sleep_mode"]
