@@ -32,7 +32,8 @@ setup(
         "test": ["pytest>=8", "pytest-timeout>=2.2"],
         # GPU only: never install on a CPU machine (transformer-engine's PyPI package raises on
         # import without CUDA, which breaks megatron-core's own imports).
-        "gpu": ["transformer-engine[pytorch]", "vllm", "sglang"],
+        # (the transformer-engine range is the one megatron-core 0.16.1 itself is tested with)
+        "gpu": ["transformer-engine[pytorch]>=2.9,<2.12", "vllm", "sglang"],
     },
     entry_points={"console_scripts": ["remix-megatron=remix_megatron.cli:main"]},
 )

@@ -9,7 +9,8 @@
 # SLURM_NODEID, else SLURM_PROCID, else 0), MASTER_ADDR (default 127.0.0.1), MASTER_PORT
 # (default 29500), NPROC_PER_NODE (default "gpu": one process per visible GPU). RDZV_ID names
 # the rendezvous (default: SLURM_JOB_ID, else "remix"); PYTHON the interpreter (default: the
-# repository's .venv). Example, two nodes with 8 GPUs each, run on each node:
+# repository's .venv). torchrun forwards SIGUSR1 to the workers like SIGTERM (by default it
+# would die of it). Example, two nodes with 8 GPUs each, run on each node:
 #   NNODES=2 NODE_RANK=<0|1> MASTER_ADDR=node01 NPROC_PER_NODE=8 \
 #       launch/multinode.sh train configs/scale_32b_remix_ppo.yaml
 set -euo pipefail
@@ -45,6 +46,6 @@ done
 
 cmd=("$python" -m torch.distributed.run --nnodes="$nnodes" --node-rank="$node_rank"
      --nproc-per-node="$nproc_per_node" --rdzv-backend=c10d --rdzv-endpoint="$master_addr:$master_port"
-     --rdzv-id="$rdzv_id" -m remix_megatron.cli "$@")
+     --rdzv-id="$rdzv_id" --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 -m remix_megatron.cli "$@")
 echo "node $node_rank/$nnodes: ${cmd[*]}" >&2
 exec "${cmd[@]}"

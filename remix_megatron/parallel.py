@@ -123,6 +123,9 @@ def _start_process_group(runtime: Runtime, timeout_s: int) -> None:
     if "RANK" in os.environ:  # torchrun (or srun + torchrun): env:// rendezvous
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if runtime.device.type == "cuda":
+            # one hardware queue keeps TP communication ahead of the compute that follows it (what
+            # megatron-core's layers recommend with TP > 1); read when the CUDA context is created
+            os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, timeout=timeout)
     else:  # a single process started with plain python
@@ -146,7 +149,7 @@ def init_parallel(cfg: ExperimentConfig) -> ParallelState:
 
         install_cpu_adapter()
     if not dist.is_initialized():
-        _start_process_group(runtime, par.init_timeout_s)
+        _start_process_group(runtime, par.collective_timeout_s)
     from megatron.core import parallel_state as mpu
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -154,7 +157,7 @@ def init_parallel(cfg: ExperimentConfig) -> ParallelState:
         tensor_model_parallel_size=par.tensor_parallel,
         pipeline_model_parallel_size=par.pipeline_parallel,
         virtual_pipeline_model_parallel_size=par.virtual_pipeline if par.virtual_pipeline > 1 else None,
-        distributed_timeout_minutes=max(1, par.init_timeout_s // 60),
+        distributed_timeout_minutes=max(1, par.collective_timeout_s // 60),
     )
     torch.manual_seed(cfg.trainer.seed)
     model_parallel_cuda_manual_seed(cfg.trainer.seed)

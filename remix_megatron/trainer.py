@@ -148,12 +148,30 @@ def _minibatch_steps(local_rows: int, cfg: ExperimentConfig, state: ParallelStat
     return max(1, math.ceil(int(total.item()) / cfg.trainer.global_batch_size))
 
 
-def _minibatches(micro_batches: list, steps: int, seed: Sequence[int]) -> list[list]:
-    """The micro-batches in a seeded random order, cut into ``steps`` nearly equal minibatches."""
+def _micro_batch_group(state: ParallelState) -> int:
+    """Micro-batches per pipeline run come in multiples of this: with interleaving (VPP > 1)
+    Megatron's schedule takes only multiples of PP (and at least PP)."""
+    return state.pipeline_parallel if state.virtual_pipeline > 1 else 1
+
+
+def _masked(batch: MicroBatch) -> MicroBatch:
+    """A copy of ``batch`` that contributes nothing: no loss tokens, so no loss, gradient,
+    token count or metric (padding for the interleaved schedule)."""
+    from dataclasses import replace
+
+    silent = lambda record: None if record is None else replace(record, loss_mask=torch.zeros_like(record.loss_mask))  # noqa: E731
+    return MicroBatch(tokens=batch.tokens, labels=batch.labels, actor=silent(batch.actor), critic=silent(batch.critic))
+
+
+def _minibatches(micro_batches: list, steps: int, seed: Sequence[int], group: int = 1) -> list[list]:
+    """The micro-batches in a seeded random order, cut into ``steps`` nearly equal minibatches;
+    each is padded with masked copies to a multiple of ``group`` micro-batches (the same rows
+    train in each minibatch whatever the layout)."""
     order = np.random.default_rng(list(seed)).permutation(len(micro_batches)) if steps > 1 else range(len(micro_batches))
     shuffled = [micro_batches[i] for i in order]
     bounds = np.linspace(0, len(shuffled), steps + 1).round().astype(int)
-    return [shuffled[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    cut = [shuffled[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return [part + [_masked(part[-1])] * (-len(part) % group) for part in cut]
 
 
 def _global_whiten(advantages: torch.Tensor, mask: torch.Tensor, state: ParallelState) -> torch.Tensor:
@@ -200,7 +218,7 @@ def _behaviour_and_values(records: list[Trajectory], models: Models, cfg: Experi
     """The actor's recomputed log-probs (and the critic's values) on each response."""
     if not records:
         return [], ([] if models.critic is not None else None)
-    padded, _ = _pad_rows(records, cfg.trainer.micro_batch_size)
+    padded, _ = _pad_rows(records, cfg.trainer.micro_batch_size * _micro_batch_group(state))
     packed = _pack(padded, cfg.trainer.seq_length, pad_id=0, multiple=_pack_multiple(state))
     batches = _micro_batches(packed, cfg.trainer.micro_batch_size)
     logprobs, _ = forward_logprobs(models.actor.chunks, batches, state)
@@ -265,7 +283,7 @@ def _rows_forward(forward, records: list[Trajectory], needed: torch.Tensor, know
     out = known * mask
     if not rows:
         return out
-    subset, real = _pad_rows([records[i] for i in rows], cfg.trainer.micro_batch_size)
+    subset, real = _pad_rows([records[i] for i in rows], cfg.trainer.micro_batch_size * _micro_batch_group(state))
     packed = _pack(subset, cfg.trainer.seq_length, pad_id=0, multiple=_pack_multiple(state))
     computed = forward(_micro_batches(packed, cfg.trainer.micro_batch_size)).cpu().float()
     width = computed.size(1)
@@ -472,8 +490,10 @@ class TrainingStopped(RuntimeError):
 class StopRequest:
     """SIGTERM or SIGUSR1 (Slurm's preemption and time limit, torchrun's shutdown, ``kill``)
     asks the run to stop: the current iteration finishes, every rank agrees at its end, the
-    checkpoint of that iteration is saved and ``train`` raises ``TrainingStopped``. A second
-    signal while stopping falls through to the previous handler (the default: exit now)."""
+    checkpoint of that iteration is saved and ``train`` raises ``TrainingStopped``. Repeats
+    while stopping are ignored: under Slurm a worker gets the signal twice, from Slurm (which
+    signals every process of the step) and from torchrun (which forwards its own), and must
+    still checkpoint. SIGINT (KeyboardInterrupt) or SIGKILL stop a worker at once."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -491,9 +511,8 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame) -> None:
-        if self.signum is not None:  # asked twice: do what would have happened without us
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-            signal.raise_signal(signum)
+        if self.signum is not None:
+            print(f"received {signal.Signals(signum).name} again: already stopping after this iteration", flush=True)
             return
         self.signum = signum
         print(f"received {signal.Signals(signum).name}: finishing this iteration, then checkpointing and stopping",
@@ -649,9 +668,10 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
             model.set_lr(learning_rate(k, cfg.trainer.num_steps, optim.lr, optim.lr_decay, optim.min_lr_ratio))
     for utd_pass in range(current.utd):  # each pass: every minibatch once, in a fresh order
         seed = (cfg.trainer.seed, k, utd_pass, state.dp_rank)
-        actor_metrics = _update(models.actor, _minibatches(actor_batches, steps, seed), builder, state, counters,
+        group = _micro_batch_group(state)
+        actor_metrics = _update(models.actor, _minibatches(actor_batches, steps, seed, group), builder, state, counters,
                                 limit, "actor", apply=apply)
-        critic_metrics = _update(models.critic, _minibatches(critic_batches, steps, seed),
+        critic_metrics = _update(models.critic, _minibatches(critic_batches, steps, seed, group),
                                  critic_loss_builder(cfg.algorithm), state, counters, limit, "critic",
                                  apply=apply) if critic_batches is not None else {}
     lap("update")

@@ -99,10 +99,12 @@ class ParallelConfig:
     backend: str = doc("torch.distributed backend: auto (nccl with CUDA, else gloo) | gloo | nccl", "auto")
     precision: str = doc("parameter dtype: auto (bf16 with CUDA, else fp32) | fp32 | bf16", "auto")
     transformer_impl: str = doc("layer spec: auto (TransformerEngine with CUDA, else local) | local | transformer_engine", "auto")
-    init_timeout_s: int = doc("seconds to wait for all ranks when starting torch.distributed", 600)
+    collective_timeout_s: int = doc("seconds a collective (start-up included) waits for every rank before the run "
+                                    "aborts; ranks wait at the next one while another generates long rollouts, "
+                                    "evaluates or saves a checkpoint", 3600)
 
     def __post_init__(self) -> None:
-        _require_positive(self, "tensor_parallel", "pipeline_parallel", "virtual_pipeline", "init_timeout_s")
+        _require_positive(self, "tensor_parallel", "pipeline_parallel", "virtual_pipeline", "collective_timeout_s")
         _require_choice("parallel.backend", self.backend, BACKENDS)
         _require_choice("parallel.precision", self.precision, PRECISIONS)
         _require_choice("parallel.transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)

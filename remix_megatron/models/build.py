@@ -72,11 +72,15 @@ class ValueHead(torch.nn.Module):
 
     Same call signature as the output layer; returns ``(values [s, b, 1], None)``. Exposes
     ``weight`` directly because Megatron's checkpoint code looks up ``output_layer.weight``.
-    Replicated on every TP rank: with sequence parallelism off, its input is replicated too,
-    so every TP rank computes identical values and gradients.
+    Replicated on every TP rank, on a replicated input: with sequence parallelism its input
+    arrives split along the sequence, so it first gathers the whole sequence, as Megatron's
+    output layer does (``sequence_parallel``, also read by GPTModel's inference path). Every
+    TP rank then computes identical values and weight gradients, and the gradient of its
+    input is split back (each rank's part of the sequence, not a sum over ranks).
     """
 
-    def __init__(self, hidden_size: int, dtype: torch.dtype, *, init_std: float, seed: int) -> None:
+    def __init__(self, hidden_size: int, dtype: torch.dtype, *, init_std: float, seed: int,
+                 sequence_parallel: bool = False) -> None:
         super().__init__()
         # A rank-independent generator: every TP rank must start from the same head, since
         # nothing synchronises replicated parameters across TP ranks.
@@ -84,9 +88,13 @@ class ValueHead(torch.nn.Module):
         weight = torch.randn(1, hidden_size, generator=generator) * init_std
         self.weight = torch.nn.Parameter(weight.to(dtype))
         self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
-        self.sequence_parallel = False  # read by GPTModel's inference path
+        self.sequence_parallel = sequence_parallel
 
     def forward(self, hidden_states: torch.Tensor, weight=None, runtime_gather_output=None):
+        if self.sequence_parallel:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
         return F.linear(hidden_states, self.weight, self.bias), None
 
 
@@ -111,7 +119,8 @@ def _build_chunks(model: ModelConfig, state: ParallelState, *, critic: bool, see
         )
         if critic and post:
             gpt.output_layer = ValueHead(model.hidden_size, state.runtime.params_dtype,
-                                         init_std=config.init_method_std, seed=seed)
+                                         init_std=config.init_method_std, seed=seed,
+                                         sequence_parallel=config.sequence_parallel)
         chunks.append(gpt.to(state.runtime.device))
     return chunks
 

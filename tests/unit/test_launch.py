@@ -34,7 +34,8 @@ done
 def torchrun(nnodes, node_rank, nproc, endpoint, rdzv_id, *cli) -> str:
     """The command line the launchers must produce, written out independently."""
     return (f"PYTHON -m torch.distributed.run --nnodes={nnodes} --node-rank={node_rank} --nproc-per-node={nproc} "
-            f"--rdzv-backend=c10d --rdzv-endpoint={endpoint} --rdzv-id={rdzv_id} -m remix_megatron.cli {' '.join(cli)}")
+            f"--rdzv-backend=c10d --rdzv-endpoint={endpoint} --rdzv-id={rdzv_id} "
+            f"--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 -m remix_megatron.cli {' '.join(cli)}")
 
 
 @pytest.fixture

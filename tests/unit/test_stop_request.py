@@ -1,5 +1,6 @@
-"""StopRequest: a first SIGTERM/SIGUSR1 is recorded (training finishes its iteration), a second
-one goes to the handler that was there before, and leaving restores the old handlers."""
+"""StopRequest: a first SIGTERM/SIGUSR1 is recorded (training finishes its iteration), repeats
+are ignored (under Slurm a worker hears the signal from Slurm and again from torchrun), and
+leaving restores the old handlers."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from remix_megatron.trainer import StopRequest, TrainingStopped
 pytestmark = pytest.mark.unit
 
 
-def test_first_signal_is_recorded_second_falls_through_handlers_restored():
+def test_first_signal_is_recorded_repeats_ignored_handlers_restored(capsys):
     seen = []
     previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
     before = signal.getsignal(signal.SIGTERM)
@@ -21,11 +22,14 @@ def test_first_signal_is_recorded_second_falls_through_handlers_restored():
             assert signal.getsignal(signal.SIGTERM) == stop._handle and stop.agreed() is None
             signal.raise_signal(signal.SIGTERM)
             assert stop.signum == signal.SIGTERM and stop.agreed() == signal.SIGTERM and seen == []
-            signal.raise_signal(signal.SIGUSR1)  # asked again: the earlier handler runs
-            assert seen == [signal.SIGUSR1] and stop.signum == signal.SIGTERM
+            signal.raise_signal(signal.SIGTERM)  # Slurm's copy after torchrun's: still stopping cleanly
+            signal.raise_signal(signal.SIGUSR1)
+            assert seen == [] and stop.signum == signal.SIGTERM
+            assert signal.getsignal(signal.SIGTERM) == stop._handle == signal.getsignal(signal.SIGUSR1)
+        assert capsys.readouterr().out.count("already stopping after this iteration") == 2
         assert signal.getsignal(signal.SIGTERM) == before
         signal.raise_signal(signal.SIGUSR1)
-        assert seen == [signal.SIGUSR1, signal.SIGUSR1]
+        assert seen == [signal.SIGUSR1]
     finally:
         signal.signal(signal.SIGUSR1, previous)
 

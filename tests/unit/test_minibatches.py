@@ -1,0 +1,50 @@
+"""Minibatches of micro-batches: the same rows per minibatch whatever the layout, padded with
+silent (fully masked) micro-batches where Megatron's interleaved schedule needs whole groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from remix_megatron.algorithms import ActorLossInputs, kl_lambda
+from remix_megatron.algorithms.megatron_adapter import CriticTargets, MicroBatch
+from remix_megatron.trainer import _masked, _minibatches
+
+pytestmark = pytest.mark.unit
+
+
+def micro_batch(index: int) -> MicroBatch:
+    shape = (2, 5)
+    tokens = torch.full(shape, index)
+    actor = ActorLossInputs(loss_mask=torch.ones(shape), advantages=torch.ones(shape), behaviour_logprobs=-torch.ones(shape),
+                            pik_logprobs=-torch.ones(shape), ref_logprobs=-torch.ones(shape),
+                            prev_logprobs=-torch.ones(shape), sample_age=torch.zeros(2, dtype=torch.long))
+    critic = CriticTargets(loss_mask=torch.ones(shape), old_values=torch.zeros(shape), returns=torch.ones(shape))
+    return MicroBatch(tokens=tokens, labels=tokens, actor=actor, critic=critic)
+
+
+@pytest.mark.parametrize("count,steps", [(6, 2), (7, 3), (5, 1), (9, 4)])
+def test_groups_pad_with_silent_copies_and_keep_the_rows(count, steps):
+    batches = [micro_batch(i) for i in range(count)]
+    plain = _minibatches(batches, steps, (0, 1, 2))
+    grouped = _minibatches(batches, steps, (0, 1, 2), group=2)
+    assert len(plain) == len(grouped) == steps
+    assert sorted(int(b.tokens[0, 0]) for part in plain for b in part) == list(range(count))
+    for real, padded in zip(plain, grouped):
+        assert len(padded) % 2 == 0 and padded[:len(real)] == real  # the same micro-batches, in order
+        for extra in padded[len(real):]:
+            assert torch.equal(extra.tokens, real[-1].tokens)
+            assert extra.actor.loss_mask.sum() == 0 and extra.critic.loss_mask.sum() == 0
+            assert torch.equal(extra.actor.advantages, real[-1].actor.advantages)
+
+
+def test_a_silent_micro_batch_adds_nothing_to_the_actor_loss():
+    """Loss numerator and token count of a masked copy are 0, and its metrics observe nothing."""
+    from remix_megatron.algorithms.losses import actor_loss
+    from remix_megatron.config import AlgorithmConfig
+
+    cfg = AlgorithmConfig()
+    batch = _masked(micro_batch(3))
+    logprobs = -torch.rand(2, 5)
+    result = actor_loss(logprobs, torch.rand(2, 5), batch.actor, cfg, kl_lambda=kl_lambda(1, cfg))
+    assert float(result.numerator) == 0 and float(result.denominator) == 0
