@@ -201,39 +201,36 @@ class SGLangEngine:
             raise RuntimeError("SGLangEngine.update_weights called while asleep; call wake_up() first")
         bucket: list[tuple[str, torch.Tensor]] = []
         bucket_bytes = 0
-        # Every rank walks the iterator: producing the full tensors may take collectives.
+        error: BaseException | None = None
+        # Every rank walks the whole iterator, even after a failed send: producing the full
+        # tensors may take collectives.
         for name, tensor in named_tensors:
-            if self._engine is None:
+            if self._engine is None or error is not None:
                 continue
             bucket.append((name, tensor))
             bucket_bytes += tensor.numel() * tensor.element_size()
             if bucket_bytes >= self._bucket_bytes:
-                self._send(bucket, flush_cache=False)  # flushing once, after the last bucket, is enough
+                # flushing the KV cache once, after the last bucket, is enough
+                error = self._attempt(lambda: self._send(bucket, flush_cache=False))
                 bucket, bucket_bytes = [], 0
-        if self._engine is not None:
-            if bucket:
-                self._send(bucket, flush_cache=True)
-            else:
-                self._engine.flush_cache()  # cached KV was computed with the old weights
-        self._barrier()
+        if self._engine is not None and error is None:
+            # (an empty last bucket still flushes: cached KV was computed with the old weights)
+            error = self._attempt(lambda: self._send(bucket, flush_cache=True) if bucket else self._engine.flush_cache())
+        self._finish(error, "weight update")
 
     def sleep(self) -> None:
         """Release the weights and the KV cache on all of the group's GPUs."""
         self._check_live()
-        if not self._asleep:
-            if self._engine is not None:
-                self._engine.release_memory_occupation()
-            self._asleep = True
-        self._barrier()
+        releasing = not self._asleep and self._engine is not None
+        self._finish(self._attempt(self._engine.release_memory_occupation) if releasing else None, "sleep")
+        self._asleep = True  # on every rank of the group, once the engine's rank has succeeded
 
     def wake_up(self) -> None:
         """Re-allocate weights and KV cache; the weights are undefined until ``update_weights``."""
         self._check_live()
-        if self._asleep:
-            if self._engine is not None:
-                self._engine.resume_memory_occupation()
-            self._asleep = False
-        self._barrier()
+        resuming = self._asleep and self._engine is not None
+        self._finish(self._attempt(self._engine.resume_memory_occupation) if resuming else None, "wake-up")
+        self._asleep = False
 
     def shutdown(self) -> None:
         """Stop the scheduler subprocesses; the engine cannot be used afterwards.
@@ -244,11 +241,31 @@ class SGLangEngine:
         """
         if not self._live:
             return
-        if self._engine is not None:
-            self._engine.shutdown()
-            self._engine = None
+        error = self._attempt(self._engine.shutdown) if self._engine is not None else None
+        self._engine = None
         self._live = False
-        self._barrier()
+        self._finish(error, "shutdown")
+
+    @staticmethod
+    def _attempt(action) -> BaseException | None:
+        try:
+            action()
+        except Exception as error:  # raised on every rank of the group by _finish
+            return error
+        return None
+
+    def _finish(self, error: BaseException | None, what: str) -> None:
+        """End a call every rank of the group makes: TP rank 0's failure is raised on all of them
+        (which would otherwise wait for it at the next collective). Also the group's barrier:
+        no rank goes on (say, to allocate GPU memory) before the engine's rank is done."""
+        if self._tensor_parallel == 1:
+            if error is not None:
+                raise error
+            return
+        box = [None if error is None else f"{type(error).__name__}: {error}"]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self._tp_group, 0), group=self._tp_group)
+        if box[0] is not None:
+            raise RuntimeError(f"SGLang {what} failed on TP rank 0: {box[0]}") from error
 
     def _send(self, bucket: list[tuple[str, torch.Tensor]], *, flush_cache: bool) -> None:
         result = self._engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=flush_cache)

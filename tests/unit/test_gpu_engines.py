@@ -214,6 +214,39 @@ def test_sglang_failure_on_rank0_reaches_the_whole_tp_group(monkeypatch):
             _sglang_engine(2, engine).generate([[1, 2]], SamplingParams(max_new_tokens=4))
 
 
+def test_sglang_weight_update_failure_reaches_the_group_after_the_whole_iterator(monkeypatch):
+    """A failed send on the engine's rank still walks every tensor (producing them may take
+    collectives) and is then raised on every rank; so are failures to sleep or wake."""
+    class Failing:
+        def update_weights_from_tensor(self, named_tensors, flush_cache):
+            raise OSError("CUDA IPC failed")
+
+        def release_memory_occupation(self):
+            raise OSError("cannot release")
+
+    shared = []
+
+    def broadcast(box, src, group):
+        if box[0] is None and shared:
+            box[0] = shared.pop()
+        elif box[0] is not None:
+            shared.append(box[0])
+
+    monkeypatch.setattr("torch.distributed.broadcast_object_list", broadcast)
+    monkeypatch.setattr("torch.distributed.get_global_rank", lambda group, rank: 0)
+    for engine in (Failing(), None):  # rank 0, then rank 1 receiving its outcome
+        walked = []
+        tensors = ((name, torch.zeros(300_000)) for name in ("a", "b", "c"))
+        with pytest.raises(RuntimeError, match="SGLang weight update failed on TP rank 0: OSError: CUDA IPC failed"):
+            _sglang_engine(2, engine).update_weights((walked.append(n) or (n, t)) for n, t in tensors)
+        assert walked == ["a", "b", "c"]
+    for engine in (Failing(), None):
+        instance = _sglang_engine(2, engine)
+        with pytest.raises(RuntimeError, match="SGLang sleep failed on TP rank 0: OSError: cannot release"):
+            instance.sleep()
+        assert not instance._asleep
+
+
 def test_sglang_update_weights_while_asleep_is_refused():
     engine = _sglang_engine(1, object())
     engine._asleep = True
