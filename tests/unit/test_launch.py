@@ -138,6 +138,12 @@ def test_sbatch_fallbacks_without_scontrol(stubs, tmp_path):
                                     for n in (0, 1)]
 
 
+def test_sbatch_without_scontrol_refuses_a_compressed_node_list(stubs, tmp_path):
+    result = run(SBATCH, ["c.yaml"], slurm_env(tmp_path), stubs, without=("scontrol",))
+    assert result.returncode == 2 and "scontrol is needed to expand the node list gpu-a[01-02]" in result.stderr
+    assert not python_lines(result)
+
+
 def test_sbatch_needs_gpus_and_declares_requeue(stubs, tmp_path):
     env = slurm_env(tmp_path)
     del env["SLURM_GPUS_ON_NODE"]
@@ -145,4 +151,5 @@ def test_sbatch_needs_gpus_and_declares_requeue(stubs, tmp_path):
     assert result.returncode == 2 and "--gpus-per-node" in result.stderr and not python_lines(result)
     directives = [line for line in SBATCH.read_text().splitlines() if line.startswith("#SBATCH")]
     assert "#SBATCH --requeue" in directives and "#SBATCH --ntasks-per-node=1" in directives
+    assert "#SBATCH --mem=0" in directives  # --exclusive alone need not give the node's memory
     assert "pkill" not in SBATCH.read_text() + MULTINODE.read_text()
