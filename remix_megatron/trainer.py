@@ -323,6 +323,16 @@ def _logprobs_only(chunks, micro_batches, *, state: ParallelState) -> torch.Tens
     return forward_logprobs(chunks, micro_batches, state)[0]
 
 
+def _group_outcomes(records: list[Trajectory], real: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO's inputs: each row's reward (the stored one: a response cut to nothing still has it)
+    and its group (prompt of one iteration). The padding copies after ``real`` get groups of
+    their own, so they do not enter the mean and std of the group they copy."""
+    scores = torch.tensor([r.reward for r in records], dtype=torch.float64)
+    group_ids = torch.tensor([r.iteration * 1_000_000 + r.group_id if i < real else -1 - i
+                              for i, r in enumerate(records)])
+    return scores, group_ids
+
+
 def _training_batches(k: int, batch, cfg: ExperimentConfig, state: ParallelState, models: Models):
     """pi_k / ref / prev log-probs, values and advantages for this rank's mixed batch, and the
     number of minibatch steps per UTD pass (rows are shuffled once, so minibatches mix ages)."""
@@ -342,10 +352,10 @@ def _training_batches(k: int, batch, cfg: ExperimentConfig, state: ParallelState
     else:
         from dataclasses import replace
 
+        scores, group_ids = _group_outcomes(records, real)
         estimate = ADVANTAGE_ESTIMATORS.get(alg.advantage_estimator)(AdvantageInputs(
             rewards=packed["rewards"], mask=packed["mask"], values=values, pik_logprobs=pik,
-            behaviour_logprobs=packed["behaviour"], scores=packed["rewards"].sum(-1),
-            group_ids=torch.tensor([r.iteration * 1_000_000 + r.group_id for r in records])),
+            behaviour_logprobs=packed["behaviour"], scores=scores, group_ids=group_ids),
             replace(alg, whiten_advantages=False))
         advantages, returns = estimate.advantages, estimate.returns
         if alg.whiten_advantages and alg.advantage_estimator in CRITIC_ESTIMATORS:
@@ -356,7 +366,11 @@ def _training_batches(k: int, batch, cfg: ExperimentConfig, state: ParallelState
     actor_batches = _micro_batches(packed, cfg.trainer.micro_batch_size, actor=actor_inputs)
     critic_batches = None
     if models.critic is not None and returns is not None:
-        targets = CriticTargets(loss_mask=packed["mask"], old_values=packed["old_values"], returns=returns.float())
+        # The clip centre is the critic as this iteration starts (its trust region), on every row:
+        # for fresh rows that is their stored value; for replayed rows the value stored when they
+        # were generated is up to N critics old, and a window around it can hold the loss on its
+        # clipped, gradient-free side while V-trace's targets come from the current critic.
+        targets = CriticTargets(loss_mask=packed["mask"], old_values=values.float(), returns=returns.float())
         critic_batches = _micro_batches(packed, cfg.trainer.micro_batch_size, critic=targets)
     return actor_batches, critic_batches, steps
 
@@ -368,7 +382,7 @@ class NonFiniteLossError(RuntimeError):
 def _update(model, minibatches: list[list], builder, state, counters: dict, limit: int, name: str, *,
             apply: bool = True) -> dict[str, float]:
     """One optimizer step per minibatch; a step with non-finite gradients is skipped, and ``limit``
-    in a row stop the run. Returns the pass's metrics (merged over its minibatches).
+    in a row stop the run. Returns the metrics merged over all its minibatches (every UTD pass).
 
     ``apply=False`` (the no_update control) computes losses and gradients and discards them.
     """
@@ -531,6 +545,13 @@ def train(cfg: ExperimentConfig) -> list[dict]:
     from transformers import AutoTokenizer
 
     check_algorithm_names(cfg.algorithm.policy_loss, cfg.algorithm.advantage_estimator)
+    sampling = (cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
+    if sampling != (1.0, 1.0, -1):
+        raise ConfigError(
+            f"rollout.temperature={sampling[0]}, top_p={sampling[1]}, top_k={sampling[2]}: training rollouts must "
+            "come from the policy the losses use. Every log-prob in them (behaviour, pi_k, reference, the importance "
+            "ratios and V-trace traces) is of the untempered, untruncated distribution, as the engines' are (vLLM's "
+            "raw log-probs): sample with temperature 1.0, top_p 1.0, top_k -1, the paper's setting.")
     if not cfg.model.hf_path:
         raise ConfigError("model.hf_path is required for training: the HF checkpoint to start from (weights and "
                           "tokenizer)")
@@ -666,14 +687,18 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
     for model, optim in ((models.actor, cfg.actor_optimizer), (models.critic, cfg.critic_optimizer)):
         if model is not None:
             model.set_lr(learning_rate(k, cfg.trainer.num_steps, optim.lr, optim.lr_decay, optim.min_lr_ratio))
-    for utd_pass in range(current.utd):  # each pass: every minibatch once, in a fresh order
-        seed = (cfg.trainer.seed, k, utd_pass, state.dp_rank)
-        group = _micro_batch_group(state)
-        actor_metrics = _update(models.actor, _minibatches(actor_batches, steps, seed, group), builder, state, counters,
-                                limit, "actor", apply=apply)
-        critic_metrics = _update(models.critic, _minibatches(critic_batches, steps, seed, group),
-                                 critic_loss_builder(cfg.algorithm), state, counters, limit, "critic",
-                                 apply=apply) if critic_batches is not None else {}
+    # UTD passes: every minibatch once per pass, in a fresh order each time. The advantages and
+    # value targets are fixed for the iteration, so the actor and the critic do not affect each
+    # other's updates: each runs all its passes in one go, and its metrics cover all of them.
+    group = _micro_batch_group(state)
+
+    def passes(batches):
+        return [minibatch for utd_pass in range(current.utd)
+                for minibatch in _minibatches(batches, steps, (cfg.trainer.seed, k, utd_pass, state.dp_rank), group)]
+
+    actor_metrics = _update(models.actor, passes(actor_batches), builder, state, counters, limit, "actor", apply=apply)
+    critic_metrics = _update(models.critic, passes(critic_batches), critic_loss_builder(cfg.algorithm), state, counters,
+                             limit, "critic", apply=apply) if critic_batches is not None else {}
     lap("update")
     stats = _rollout_stats(result, state)
     counters["rollouts"] += stats["rollouts"]

@@ -33,7 +33,7 @@ class CriticTargets:
     """``[batch, seq]`` critic training targets."""
 
     loss_mask: torch.Tensor
-    old_values: torch.Tensor  # values at collection (the clip centre)
+    old_values: torch.Tensor  # the critic's values as the iteration starts (the clip centre)
     returns: torch.Tensor  # value targets (V-trace or GAE returns)
 
 

@@ -228,7 +228,8 @@ class AlgorithmConfig:
     grpo_eps: float = doc("GRPO: added to the group std", 1e-6)
     grpo_replay_advantage: str = doc("GRPO replayed samples: stored (advantage of their own group when "
                                      "generated) | recompute (again from the stored group rewards)", "stored")
-    value_clip: float = doc("critic value clip range around the values at collection", 0.5)
+    value_clip: float = doc("critic value clip range around the critic's values as the iteration starts (for "
+                            "fresh rows: the values at collection)", 0.5)
     off_policy_portion: float = doc("p: share of each batch replayed from earlier policies", 0.4)
     replay_window: int = doc("N: replay from iterations k-N .. k-1", 2)
     utd: int = doc("update-to-data ratio: passes over each mixed batch", 2)

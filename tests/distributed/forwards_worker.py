@@ -94,6 +94,16 @@ def main(tiny: str, out: str, *overrides: str) -> None:
                                                                                            reused, full)},
               "outside_mask": max(float((t * (1 - mask)).abs().max()) for t in reused),
               "age2_differs": float(((reused[0] - packed["behaviour"]).abs() * mask)[ages == 2].max())}
+    # The critic's clip centre in the training batch is the current critic's value on every row
+    # (on replayed rows not the stale value stored when they were generated).
+    from types import SimpleNamespace
+
+    _, critic_batches, _ = trainer._training_batches(
+        2, SimpleNamespace(trajectories=pool, ages=np.array([1] * 10 + [0] * 10 + [2] * 10)), cfg, state, models)
+    current = trainer.forward_values(models.critic.chunks, critic_batches, state)
+    centre = torch.cat([b.critic.old_values for b in critic_batches])
+    loss_mask = torch.cat([b.critic.loss_mask for b in critic_batches])
+    result["centre_gap"] = float(((centre - current) * loss_mask).abs().max())
     with open(f"{out}.rank{state.rank}.json", "w") as f:
         json.dump(result, f)
     destroy_parallel()

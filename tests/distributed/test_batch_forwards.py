@@ -30,6 +30,7 @@ def test_reused_results_equal_computed_ones(tmp_path, nproc, pp):
         for name, gap in result["max_gap"].items():
             assert gap < 1e-5, (name, result)  # reused == recomputed, on every token of the loss
         assert result["outside_mask"] == 0.0
+        assert result["centre_gap"] < 1e-5, result  # the value clip is centred on the current critic
         assert result["age2_differs"] > 0.1  # age-2 rows were recomputed, not copied from their behaviour
         # 32 rows (30 real) x 3 actor-side passes in full; reused: pi_k on 20 replayed rows, ref on
         # all 30, pi_{k-1} on 20 (fresh + age 2), each padded to micro-batches of 4.

@@ -166,3 +166,14 @@ def test_reference_yaml_is_current_and_complete():
 def test_shipped_configs_load(path):
     read_yaml(path)
     assert isinstance(load_config(path), ExperimentConfig)
+
+
+@pytest.mark.parametrize("override", ["rollout.temperature=0.7", "rollout.top_p=0.95", "rollout.top_k=50"])
+def test_training_refuses_sampling_other_than_the_losses_policy(override):
+    """The actor's log-probs (and the engines') are of the untempered, untruncated policy: rollouts
+    sampled otherwise would make every importance ratio wrong, so training refuses up front."""
+    from remix_megatron.config import ConfigError, load_config
+    from remix_megatron.trainer import train
+
+    with pytest.raises(ConfigError, match="training rollouts must come from the policy the losses use"):
+        train(load_config("configs/tiny_remix_ppo.yaml", [override]))

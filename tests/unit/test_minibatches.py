@@ -48,3 +48,30 @@ def test_a_silent_micro_batch_adds_nothing_to_the_actor_loss():
     logprobs = -torch.rand(2, 5)
     result = actor_loss(logprobs, torch.rand(2, 5), batch.actor, cfg, kl_lambda=kl_lambda(1, cfg))
     assert float(result.numerator) == 0 and float(result.denominator) == 0
+
+
+def test_grpo_groups_ignore_the_padding_copies():
+    """Recomputed GRPO advantages of a padded batch equal those of the real rows alone: padding
+    copies of the last row do not count in its group's mean and std."""
+    import numpy as np
+
+    from remix_megatron.algorithms.advantages import grpo_advantages
+    from remix_megatron.store import Trajectory
+    from remix_megatron.trainer import _group_outcomes, _pad_rows
+
+    def row(group: int, reward: float, length: int = 3) -> Trajectory:
+        return Trajectory(iteration=4, prompt_id=f"p{group}", group_id=group, prompt_tokens=np.arange(2),
+                          response_tokens=np.arange(length), reward=reward, behaviour_logprobs=np.zeros(length),
+                          finish_reason="stop")
+
+    real_rows = [row(0, 1.0), row(0, 0.0), row(1, 1.0), row(1, 0.0, length=0), row(1, 0.0)]
+    padded, real = _pad_rows(real_rows, 4)
+    assert real == 5 and len(padded) == 8
+    scores, groups = _group_outcomes(padded, real)
+    assert scores.tolist()[:5] == [1.0, 0.0, 1.0, 0.0, 0.0]  # the empty response keeps its reward
+    got = grpo_advantages(scores, groups, torch.ones(8, 1), norm_std=True, eps=0.0)[:, 0]
+    # by hand: group 0 {1, 0}: mean 1/2, std sqrt(1/2); group 1 {1, 0, 0}: mean 1/3, std sqrt(1/3)
+    expected = [0.5 / 0.5 ** 0.5, -0.5 / 0.5 ** 0.5, (2 / 3) / (1 / 3) ** 0.5, -(1 / 3) / (1 / 3) ** 0.5,
+                -(1 / 3) / (1 / 3) ** 0.5]
+    torch.testing.assert_close(got[:5], torch.tensor(expected, dtype=got.dtype))
+    assert got[5:].abs().sum() == 0  # a group of one has no baseline
