@@ -21,7 +21,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -157,8 +157,6 @@ def _micro_batch_group(state: ParallelState) -> int:
 def _masked(batch: MicroBatch) -> MicroBatch:
     """A copy of ``batch`` that contributes nothing: no loss tokens, so no loss, gradient,
     token count or metric (padding for the interleaved schedule)."""
-    from dataclasses import replace
-
     silent = lambda record: None if record is None else replace(record, loss_mask=torch.zeros_like(record.loss_mask))  # noqa: E731
     return MicroBatch(tokens=batch.tokens, labels=batch.labels, actor=silent(batch.actor), critic=silent(batch.critic))
 
@@ -350,8 +348,6 @@ def _training_batches(k: int, batch, cfg: ExperimentConfig, state: ParallelState
         stored = torch.tensor([r.extra["grpo_advantage"] for r in records], dtype=torch.float32)
         advantages, returns = stored.unsqueeze(-1) * packed["mask"], None
     else:
-        from dataclasses import replace
-
         scores, group_ids = _group_outcomes(records, real)
         estimate = ADVANTAGE_ESTIMATORS.get(alg.advantage_estimator)(AdvantageInputs(
             rewards=packed["rewards"], mask=packed["mask"], values=values, pik_logprobs=pik,

@@ -85,11 +85,15 @@ class MathGrader:
         self._extraction = [LatexExtractionConfig()]
         self._gold: dict[str, list] = {}  # reference -> its math-verify parse (a dataset has few distinct ones)
 
+    @property
+    def _timeout(self) -> int:
+        """math-verify's timeouts are whole seconds (signal.alarm)."""
+        return max(int(round(self.timeout_s)), 1)
+
     def _parse(self, answer: str) -> list:
         from math_verify import parse
 
-        timeout = max(int(round(self.timeout_s)), 1)
-        return parse(f"\\boxed{{{answer}}}", extraction_config=self._extraction, parsing_timeout=timeout)
+        return parse(f"\\boxed{{{answer}}}", extraction_config=self._extraction, parsing_timeout=self._timeout)
 
     def _equivalent(self, answer: str, reference: str) -> bool:
         from math_verify import verify
@@ -104,8 +108,7 @@ class MathGrader:
                 self._gold.clear()
             self._gold[reference] = self._parse(reference)
         gold, target = self._gold[reference], self._parse(answer)
-        timeout = max(int(round(self.timeout_s)), 1)
-        return bool(gold and target and verify(gold, target, timeout_seconds=timeout))
+        return bool(gold and target and verify(gold, target, timeout_seconds=self._timeout))
 
     def grade(self, response: str, reference: str, stats: GradeStats | None = None) -> float:
         stats = stats if stats is not None else GradeStats()
@@ -125,7 +128,7 @@ class MathGrader:
             if len(stats.error_messages) < 5:
                 stats.error_messages.append(f"{type(error).__name__}: {error}"[:200])
             return 0.0
-        if not correct and time.monotonic() - start >= 0.9 * max(round(self.timeout_s), 1):
+        if not correct and time.monotonic() - start >= 0.9 * self._timeout:
             stats.timeouts += 1
         stats.correct += int(correct)
         return 1.0 if correct else 0.0

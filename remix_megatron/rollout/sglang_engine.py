@@ -173,25 +173,20 @@ class SGLangEngine:
             raise RuntimeError("SGLangEngine.generate called while asleep; call wake_up() first")
         # every rank checks the prompts, so a bad one fails everywhere instead of stalling the broadcast
         requests = sglang_requests(prompts, params)
-        result: list[list[Generation]] | BaseException | None = None
-        if self._engine is not None:
-            try:
-                outputs: Any = []
-                if requests.input_ids:
-                    outputs = self._engine.generate(input_ids=requests.input_ids,
-                                                    sampling_params=requests.sampling_params,
-                                                    return_logprob=params.return_logprobs)
-                if isinstance(outputs, Mapping):  # SGLang unwraps a batch of one request
-                    outputs = [outputs]
-                result = group_generations(outputs, requests, len(prompts), with_logprobs=params.return_logprobs)
-            except Exception as error:  # shared, so the group's other ranks raise too instead of waiting
-                if self._tensor_parallel == 1:
-                    raise
-                result = RuntimeError(f"SGLang generation failed on TP rank 0: {type(error).__name__}: {error}")
-        shared = self._share(result)
-        if isinstance(shared, BaseException):
-            raise shared
-        return shared
+        result: list[list[Generation]] | None = None
+
+        def run() -> None:
+            nonlocal result
+            outputs: Any = []
+            if requests.input_ids:
+                outputs = self._engine.generate(input_ids=requests.input_ids, sampling_params=requests.sampling_params,
+                                                return_logprob=params.return_logprobs)
+            if isinstance(outputs, Mapping):  # SGLang unwraps a batch of one request
+                outputs = [outputs]
+            result = group_generations(outputs, requests, len(prompts), with_logprobs=params.return_logprobs)
+
+        self._finish(self._attempt(run) if self._engine is not None else None, "generation")
+        return self._share(result)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Send full HF-named tensors (CUDA tensors: they travel by CUDA IPC) in buckets of
@@ -272,7 +267,7 @@ class SGLangEngine:
         if isinstance(result, tuple) and result and not result[0]:
             raise RuntimeError(f"SGLang update_weights_from_tensor failed: {result[1] if len(result) > 1 else result}")
 
-    def _share(self, result):
+    def _share(self, result: list[list[Generation]] | None) -> list[list[Generation]]:
         if self._tensor_parallel == 1:
             assert result is not None
             return result

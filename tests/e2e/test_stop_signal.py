@@ -31,6 +31,17 @@ def logged_iterations(run: Path) -> list[int]:
     return [json.loads(line)["iteration"] for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+def workers_once_training(launcher: subprocess.Popen, run: Path) -> list[int]:
+    """Wait until the run has logged 2 iterations; the pids of the launcher's 2 worker processes."""
+    deadline = time.monotonic() + 240
+    while len(logged_iterations(run)) < 2 and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert launcher.poll() is None and len(logged_iterations(run)) >= 2, "training did not start in time"
+    workers = [int(pid) for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()]
+    assert len(workers) == 2
+    return workers
+
+
 def test_a_signal_to_one_rank_checkpoints_and_stops_every_rank(tiny_dir, tmp_path):
     run = tmp_path / "run"
     args = ["train", "configs/tiny_remix_ppo.yaml", f"model.hf_path={tiny_dir}",
@@ -42,13 +53,8 @@ def test_a_signal_to_one_rank_checkpoints_and_stops_every_rank(tiny_dir, tmp_pat
                                 stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     try:
-        deadline = time.monotonic() + 240
-        while len(logged_iterations(run)) < 2 and launcher.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert launcher.poll() is None and len(logged_iterations(run)) >= 2, "training did not start in time"
-        workers = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
-        assert len(workers) == 2
-        os.kill(int(workers[-1]), signal.SIGUSR1)  # one rank only: the other learns it at the iteration's end
+        workers = workers_once_training(launcher, run)
+        os.kill(workers[-1], signal.SIGUSR1)  # one rank only: the other learns it at the iteration's end
         stdout, stderr = launcher.communicate(timeout=120)
     finally:
         if launcher.poll() is None:
@@ -87,13 +93,8 @@ def test_slurm_style_signal_to_every_process_of_the_step(tiny_dir, tmp_path):
     launcher = subprocess.Popen(["bash", "launch/multinode.sh", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)  # multinode.sh execs torchrun: same pid
     try:
-        deadline = time.monotonic() + 240
-        while len(logged_iterations(run)) < 2 and launcher.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert launcher.poll() is None and len(logged_iterations(run)) >= 2, "training did not start in time"
-        workers = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
-        assert len(workers) == 2
-        for pid in [launcher.pid, *map(int, workers)]:
+        workers = workers_once_training(launcher, run)
+        for pid in [launcher.pid, *workers]:
             os.kill(pid, signal.SIGUSR1)
         stdout, stderr = launcher.communicate(timeout=180)
     finally:
