@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable, Protocol, Sequence
 
 from remix_megatron.registry import Registry
-from remix_megatron.rewards.math import GradeStats, MathGrader, answer_region, last_boxed
+from remix_megatron.rewards.math import GradeStats, MathGrader, answer_region, boxed_answers, last_boxed
 
 
 class Verifier(Protocol):
@@ -19,4 +19,4 @@ class Verifier(Protocol):
 REWARDS: Registry[Callable[..., Verifier]] = Registry("reward")
 REWARDS.register("math", MathGrader)
 
-__all__ = ["REWARDS", "GradeStats", "MathGrader", "Verifier", "answer_region", "last_boxed"]
+__all__ = ["REWARDS", "GradeStats", "MathGrader", "Verifier", "answer_region", "boxed_answers", "last_boxed"]
