@@ -477,10 +477,13 @@ def _rollout_stats(result: RolloutResult, state: ParallelState) -> dict[str, flo
 def _train_source(cfg: ExperimentConfig, tokenizer) -> PromptSource:
     if not cfg.data.train_path:
         raise ConfigError("data.train_path is required for training (a .jsonl / .parquet / HF datasets path)")
-    return PromptSource(load_records(cfg.data.train_path), tokenizer, seed=cfg.trainer.seed, name="train",
-                        template=cfg.data.template, max_prompt_tokens=cfg.rollout.max_prompt_tokens,
-                        overlong=cfg.data.overlong, problem_key=cfg.data.problem_key, answer_key=cfg.data.answer_key,
-                        id_key=cfg.data.id_key)
+    try:
+        return PromptSource(load_records(cfg.data.train_path), tokenizer, seed=cfg.trainer.seed, name="train",
+                            template=cfg.data.template, max_prompt_tokens=cfg.rollout.max_prompt_tokens,
+                            overlong=cfg.data.overlong, problem_key=cfg.data.problem_key,
+                            answer_key=cfg.data.answer_key, id_key=cfg.data.id_key)
+    except ValueError as error:  # the data file or template: one line naming it, not a traceback
+        raise ConfigError(f"training data ({cfg.data.train_path}): {error}") from None
 
 
 def _eval_line(record: dict) -> str:
