@@ -11,13 +11,15 @@ Layout under a checkpoint root::
 A checkpoint is written into ``iter_X.tmp`` and renamed by rank 0 once every rank has
 finished; only then does ``latest`` move (written atomically). A crash while saving leaves
 ``latest`` on the previous checkpoint; the ``.tmp`` remains are deleted by the next save.
-Our own files are JSON and safetensors; megatron's format pickles its metadata.
+Our own files are JSON and safetensors; megatron's format pickles its metadata, which
+``load_checkpoint`` reads through an unpickler that admits only the metadata classes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from remix_megatron.compat import in_process_checkpoint_writes
 from remix_megatron.config import ExperimentConfig, to_yaml
 from remix_megatron.fileio import atomic_write_text
 from remix_megatron.models.optimizer import TrainableModel
@@ -125,6 +128,7 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, models: Mapping[str
         (staging / "dist").mkdir(parents=True)
         (staging / "rng").mkdir()
     dist.barrier()
+    in_process_checkpoint_writes()
     dist_checkpointing.save(_sharded_state(models, is_loading=False, with_optimizer=True), str(staging / "dist"))
     tensors, plain = _rng_state()
     save_file(tensors, str(staging / "rng" / f"rank_{state.rank:05d}.safetensors"))
@@ -163,6 +167,53 @@ def checkpoint_dir(root: str | os.PathLike, iteration: int | None = None) -> Pat
     return directory
 
 
+# Every global a torch dist-checkpoint ``.metadata`` pickle names (torch 2.13, megatron-core
+# 0.16.1): the metadata dataclasses and enums, torch.Size, dtypes and layouts, and the path
+# torch's own writer keeps as the checkpoint id. Anything else
+# (os.system, builtins.exec, ...) would be code run by merely opening the checkpoint.
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                              "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.planner": {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "collections": {"OrderedDict"},
+    "pathlib": {"PosixPath", "PurePosixPath"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Resolves only the checkpoint metadata's own classes (and torch dtypes); refuses every other global."""
+
+    def find_class(self, module: str, name: str):
+        if name in _METADATA_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refusing {module}.{name}: not a checkpoint metadata class")
+
+
+def check_dist_metadata(dist_dir: str | os.PathLike) -> None:
+    """Read every ``.metadata`` pickle of a dist checkpoint through ``_MetadataUnpickler``: a CheckpointError
+    names a file that would run code (or is not metadata) before megatron's plain ``pickle.load`` opens it.
+
+    Megatron reads the checked file again afterwards; a file replaced in between is out of reach
+    here (whoever can write the checkpoint during the load could as well replace the code).
+    """
+    files = sorted(Path(dist_dir).glob("*.metadata"))
+    if not files:
+        raise CheckpointError(f"{dist_dir} holds no .metadata: not a complete dist checkpoint")
+    for path in files:
+        try:
+            with open(path, "rb") as handle:
+                _MetadataUnpickler(handle).load()
+        except Exception as error:  # any failure means the file is not plain metadata
+            raise CheckpointError(f"{path}: unsafe or corrupted checkpoint metadata ({error}); load checkpoints "
+                                  "only from sources you trust") from None
+
+
 def read_trainer_state(checkpoint_dir: str | os.PathLike) -> dict:
     path = Path(checkpoint_dir) / "trainer_state.json"
     try:
@@ -191,6 +242,7 @@ def load_checkpoint(root: str | os.PathLike, models: Mapping[str, Model], state:
     missing = sorted(set(models) - set(payload["models"]))
     if missing:
         raise CheckpointError(f"{directory} holds models {payload['models']}, not {missing}")
+    check_dist_metadata(directory / "dist")
     sharded = _sharded_state(models, is_loading=True, with_optimizer=load_optimizer)
     try:
         loaded = dist_checkpointing.load(sharded, str(directory / "dist"))

@@ -16,6 +16,19 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask sets it, racing other threads' file creations)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str, *, durable: bool = True) -> Path:
     """Write ``text`` to a temporary file beside ``path``, fsync, rename over ``path``, fsync the directory.
 
@@ -25,6 +38,7 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, durable: bool = Tru
     """
     path = Path(path)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False) as f:
+        os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp's 0600 would hide the run from its group
         f.write(text)
         f.flush()
         if durable:

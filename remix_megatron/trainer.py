@@ -37,12 +37,13 @@ from remix_megatron.algorithms.megatron_adapter import (
     CriticTargets, MicroBatch, actor_loss_builder, critic_loss_builder, forward_logprobs, forward_values,
     reduce_metrics, run_pipeline, split_micro_batches,
 )
-from remix_megatron.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
-from remix_megatron.config import ConfigError, ExperimentConfig, config_to_dict
+from remix_megatron.checkpoint import load_checkpoint, save_checkpoint
+from remix_megatron.config import ConfigError, ExperimentConfig, config_to_dict, save_config
 from remix_megatron.convert.export import export_hf, load_hf_into
 from remix_megatron.data import PromptSource, load_records
 from remix_megatron.evaluation import Benchmark, resolve_benchmarks, self_reflection
 from remix_megatron.evaluation.runner import EvalSettings, evaluate_benchmarks, write_outputs
+from remix_megatron.faults import fault_point
 from remix_megatron.metrics_log import RunLog
 from remix_megatron.models import build_actor, build_critic, make_trainable
 from remix_megatron.parallel import ParallelState, init_parallel
@@ -50,6 +51,7 @@ from remix_megatron.planning import CRITIC_ESTIMATORS
 from remix_megatron.rewards import REWARDS
 from remix_megatron.rollout import SamplingParams, get_engine_factory
 from remix_megatron.rollout.weight_sync import check_logprob_gap, logprob_gap, sync_weights
+from remix_megatron.rundir import check_run_dir, finished_iteration, read_metrics, restore_run
 from remix_megatron.store import MixedSampler, Trajectory, open_store
 
 
@@ -475,10 +477,13 @@ def _rollout_stats(result: RolloutResult, state: ParallelState) -> dict[str, flo
 def _train_source(cfg: ExperimentConfig, tokenizer) -> PromptSource:
     if not cfg.data.train_path:
         raise ConfigError("data.train_path is required for training (a .jsonl / .parquet / HF datasets path)")
-    return PromptSource(load_records(cfg.data.train_path), tokenizer, seed=cfg.trainer.seed, name="train",
-                        template=cfg.data.template, max_prompt_tokens=cfg.rollout.max_prompt_tokens,
-                        overlong=cfg.data.overlong, problem_key=cfg.data.problem_key, answer_key=cfg.data.answer_key,
-                        id_key=cfg.data.id_key)
+    try:
+        return PromptSource(load_records(cfg.data.train_path), tokenizer, seed=cfg.trainer.seed, name="train",
+                            template=cfg.data.template, max_prompt_tokens=cfg.rollout.max_prompt_tokens,
+                            overlong=cfg.data.overlong, problem_key=cfg.data.problem_key,
+                            answer_key=cfg.data.answer_key, id_key=cfg.data.id_key)
+    except ValueError as error:  # the data file or template: one line naming it, not a traceback
+        raise ConfigError(f"training data ({cfg.data.train_path}): {error}") from None
 
 
 def _eval_line(record: dict) -> str:
@@ -553,6 +558,11 @@ def train(cfg: ExperimentConfig) -> list[dict]:
                           "tokenizer)")
     grader = REWARDS.get(cfg.data.reward)()
     state = init_parallel(cfg)
+    resume_from = check_run_dir(cfg, rank=state.rank, barrier=dist.barrier)
+    if finished_iteration(cfg, resume_from):
+        return _finished(cfg, state, resume_from)
+    if state.rank == 0:
+        save_config(cfg, Path(cfg.trainer.run_dir) / "config.yaml")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
     train_source = _train_source(cfg, tokenizer)
     try:
@@ -575,20 +585,18 @@ def train(cfg: ExperimentConfig) -> list[dict]:
                           "ranks one: raise rollout.prompts_per_step or lower algorithm.off_policy_portion")
     counters = {"rollouts": 0}
     first = 1
-    if cfg.trainer.resume and latest_iteration(checkpoints) is not None:
-        payload = load_checkpoint(checkpoints, models.named(), state)
+    if resume_from is not None:
+        payload = load_checkpoint(checkpoints, models.named(), state, iteration=resume_from)
         first = payload["iteration"] + 1
         saved = payload["trainer_state"]
         train_source.load_state_dict(saved["prompts"])
         counters["rollouts"] = saved["rollouts"]
-        if state.rank == 0:
-            store.truncate_after(payload["iteration"])  # the store matches the checkpoint again
-    dist.barrier()
+    # The store and metrics.jsonl match the checkpoint again (or are empty without one).
+    history = _shared_history(restore_run(cfg, store, resume_from) if state.rank == 0 else [])
     engine = get_engine_factory(cfg.rollout.engine)(cfg.rollout, cfg.model, state, cfg.model.hf_path,
                                                      seed=cfg.trainer.seed)
     log = RunLog(run_dir, active=state.rank == 0, wandb_project=cfg.trainer.wandb_project,
                  config=config_to_dict(cfg))
-    history: list[dict] = []
     if evaluations and first == 1 and cfg.data.eval_interval:
         history.append({"iteration": 0, "rollouts_total": 0,
                         **_evaluate(0, evaluations, engine, tokenizer, grader, cfg, state, models)})
@@ -604,13 +612,15 @@ def train(cfg: ExperimentConfig) -> list[dict]:
             if (evaluations and cfg.data.eval_interval and not stopped
                     and (k % cfg.data.eval_interval == 0 or k == cfg.trainer.num_steps)):
                 record.update(_evaluate(k, evaluations, engine, tokenizer, grader, cfg, state, models))
+            _report(k, record, cfg, state, history, log)  # before the checkpoint: a resume finds every record
+            fault_point("metrics_written", k)
             interval = cfg.trainer.save_interval
             if interval >= 0 and (k == cfg.trainer.num_steps or (interval and k % interval == 0) or stopped):
                 save_checkpoint(checkpoints, k, models.named(), state,
                                 {"prompts": train_source.state_dict(), "rollouts": counters["rollouts"],
                                  "reincarnated": record["reincarnated"]}, config=cfg,
                                 keep_last=cfg.trainer.keep_checkpoints)
-            _report(k, record, cfg, state, history, log)
+                fault_point("checkpoint_saved", k)
             if stopped:
                 break
     engine.shutdown()
@@ -621,6 +631,23 @@ def train(cfg: ExperimentConfig) -> list[dict]:
     export_hf(models.actor.unwrapped(), state, cfg.model, run_dir / "hf_actor", source_hf_dir=cfg.model.hf_path)
     if state.rank == 0:
         print(f"final actor exported to {run_dir / 'hf_actor'}", flush=True)
+    return history
+
+
+def _shared_history(records: list[dict]) -> list[dict]:
+    """Rank 0's metrics records (read from metrics.jsonl) on every rank."""
+    shared = [records]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
+def _finished(cfg: ExperimentConfig, state: ParallelState, iteration: int) -> list[dict]:
+    """A rerun of a finished run: say so and return its metrics, without building or exporting anything."""
+    history = _shared_history(read_metrics(Path(cfg.trainer.run_dir) / "metrics.jsonl") if state.rank == 0 else [])
+    if state.rank == 0:
+        print(f"{cfg.trainer.run_dir} is finished: checkpoint of iteration {iteration} (trainer.num_steps="
+              f"{cfg.trainer.num_steps}), actor exported to {Path(cfg.trainer.run_dir) / 'hf_actor'}. Nothing to do; "
+              "raise trainer.num_steps to continue it", flush=True)
     return history
 
 

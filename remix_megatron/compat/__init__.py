@@ -40,3 +40,22 @@ def transformer_config_adaptations(*, device_type: str, backend: str) -> dict:
     if backend == "gloo":
         adaptations.update(batch_p2p_comm=False)
     return adaptations
+
+
+def in_process_checkpoint_writes() -> None:
+    """Keep megatron-core's synchronous dist-checkpoint saves inside the training process.
+
+    At its first save, ``filesystem_async`` starts a multiprocessing Manager (a spawned server
+    process, plus a resource_tracker) only to hold one results queue. torchrun and Slurm signal
+    the whole process group, so a SIGTERM kills that server and the preemption checkpoint
+    then dies in BrokenPipeError; a kill -9 of the worker leaves both processes orphaned. A
+    synchronous save puts and gets the results in this process, so a plain queue does the
+    same job with no helper process. Idempotent; the per-bucket writers megatron forks for
+    one save stay (they inherit this process's signal handlers and exit when written).
+    """
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not isinstance(filesystem_async._results_queue, queue.Queue):
+        filesystem_async._results_queue = queue.Queue()

@@ -169,7 +169,10 @@ class TrainerConfig:
     save_interval: int = doc("save a checkpoint every this many iterations and after the last; "
                              "0 = after the last only; -1 = never", 0)
     keep_checkpoints: int = doc("complete checkpoints to keep (older ones are deleted)", 2)
-    resume: bool = doc("continue from the newest complete checkpoint in checkpoint_dir when there is one", True)
+    resume: bool = doc("continue from the newest complete checkpoint in checkpoint_dir when there is one (the "
+                       "default); false refuses a run_dir that already holds a run", True)
+    overwrite: bool = doc("remove the earlier run's store, checkpoints, metrics, plots and export in run_dir, then "
+                          "start afresh", False)
     wandb_project: str = doc("log to this wandb project (offline without WANDB_API_KEY); '' = JSONL and plots only",
                              "")
     max_skipped_steps: int = doc("stop after this many optimizer steps in a row skipped for NaN/inf gradients", 3)

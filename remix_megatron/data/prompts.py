@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,20 +38,14 @@ def load_records(source: str, *, split: str = "train") -> list[dict[str, Any]]:
     if path.suffix == ".jsonl":
         if not path.is_file():
             raise ValueError(f"prompt file {source} does not exist")
-        rows = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{source}:{number}: not valid JSON ({error})") from None
-        return rows
+        return _nonempty(source, [row for number, line in enumerate(path.read_bytes().splitlines(), start=1)
+                                  if (row := _jsonl_record(source, number, line)) is not None])
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         if not path.is_file():
             raise ValueError(f"prompt file {source} does not exist")
-        return pq.read_table(path).to_pylist()
+        return _nonempty(source, pq.read_table(path).to_pylist())
     import datasets
 
     if path.is_dir():
@@ -61,6 +56,44 @@ def load_records(source: str, *, split: str = "train") -> list[dict[str, Any]]:
             loaded = loaded[split]
         return loaded.to_list()
     return datasets.load_dataset(source, split=split).to_list()  # a hub name (needs network access)
+
+
+def _jsonl_record(source: str, number: int, line: bytes) -> dict | None:
+    """Line ``number`` of a .jsonl file as a record (None for a blank line); a ValueError naming the line."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{source}:{number}: not UTF-8 text (byte 0x{line[error.start]:02x} at column "
+                         f"{error.start + 1}); convert the file to UTF-8") from None
+    if not text.strip():
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{source}:{number}: not valid JSON ({error})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{source}:{number}: a JSON {type(record).__name__} where a record belongs (one JSON "
+                         "object per line, e.g. {\"problem\": ..., \"answer\": ...})")
+    return record
+
+
+def _nonempty(source: str, rows: list[dict]) -> list[dict]:
+    if not rows:
+        raise ValueError(f"{source} holds no records (one JSON object per line with a problem and an answer)")
+    return rows
+
+
+def check_template(template: str) -> None:
+    """A ValueError unless ``template`` is a ``str.format`` pattern whose only field is ``{problem}``."""
+    doubled = "write literal braces doubled, e.g. \\boxed{{}}"
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as error:  # a lone { or }
+        raise ValueError(f"data.template {template!r}: {error}; {doubled}") from None
+    if fields != {"problem"}:
+        shown = ", ".join("{" + name + "}" for name in sorted(fields)) or "none"
+        raise ValueError(f"data.template {template!r} has the fields {shown}; it needs {{problem}} and no other "
+                         f"({doubled})")
 
 
 def render(problem: str, template: str, tokenizer) -> list[int]:
@@ -80,14 +113,16 @@ class PromptSource:
                  answer_key: str = "answer", id_key: str = "id", seed: int = 0, name: str = "prompts") -> None:
         if overlong not in OVERLONG_POLICIES:
             raise ValueError(f"overlong={overlong!r} is not one of {', '.join(OVERLONG_POLICIES)}")
+        check_template(template)
         self.seed, self.name = seed, name
         self.dropped = self.truncated = 0
         self.prompts: list[Prompt] = []
         for index, record in enumerate(records):
-            missing = [key for key in (problem_key, answer_key) if record.get(key) in (None, "")]
+            missing = [key for key in (problem_key, answer_key) if record.get(key) is None or not str(record[key]).strip()]
             if missing:
-                raise ValueError(f"{name} row {index} lacks {', '.join(repr(k) for k in missing)} "
-                                 f"(fields present: {sorted(record)}); set the field names in the data config")
+                raise ValueError(f"{name} row {index} lacks {', '.join(repr(k) for k in missing)} (absent, empty or "
+                                 f"whitespace only; fields present: {sorted(record)}): fix the row, or set the field "
+                                 "names in the data config")
             ids = render(str(record[problem_key]), template, tokenizer)
             if len(ids) > max_prompt_tokens:
                 if overlong == "drop":

@@ -8,12 +8,18 @@ Layout (one directory, local or shared filesystem)::
     iter_00000012/shard_r00003.index.json  the shard's batch index (offset, length, rows, CRC32)
     manifests/iter_00000012.json        the iteration's index: shards, their batch indexes, row
                                         counts, group ids, stats
+    INDEX.json                          the published iterations, each with its manifest's SHA-256
 
-An iteration is visible only once its manifest exists. Shards (index first, then data) are
-written to temporary names, fsynced and renamed; the manifest is published the same way,
-after every shard of the iteration is complete. So a crash (kill -9) at any point leaves
-every earlier iteration readable and the partial one invisible; ``open_store(...,
-cleanup=True)`` (the publishing rank, before the others write) deletes its remains.
+An iteration is visible only once INDEX.json lists it. Shards (index first, then data) are
+written to temporary names, fsynced and renamed; the manifest is written the same way, after
+every shard of the iteration is complete, and then INDEX.json (atomically) with the new
+entry. Deleting iterations removes their entries first. So a crash (kill -9) at any point
+leaves every earlier iteration readable and the partial one invisible; ``open_store(...,
+cleanup=True)`` (the publishing rank, before the others write) deletes its remains, which
+are only ever newer than the last published iteration (or older than the first, after a
+prune): the shards of an iteration inside the published range are never deleted. A deleted
+or edited manifest, an emptied ``manifests/``, a shard path other than the iteration's own,
+or a group id that differs from the shard's column is a ``StoreError`` naming the file.
 
 Every record batch is read through its CRC32 (the manifest's), so a flipped, truncated or
 replaced byte is an error, and a reader that needs a few rows reads only their batches.
@@ -25,6 +31,7 @@ raises ``StoreError`` naming the file. Shards are ordinary Arrow IPC files
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import re
@@ -43,12 +50,13 @@ from remix_megatron.fileio import atomic_write_text, fsync_dir
 from remix_megatron.store.record import SCHEMA_VERSION, Trajectory, arrow_schema, from_table, to_table
 
 FORMAT = "remix-trajectory-store"
-LAYOUT_VERSION = 2  # 1: Parquet shards (page CRCs); 2: Arrow IPC shards with a CRC32 batch index
+LAYOUT_VERSION = 3  # 1: Parquet shards (page CRCs); 2: Arrow IPC shards with a CRC32 batch index; 3: + INDEX.json
 COMPRESSIONS = ("zstd", "lz4", "none")  # per record-batch buffer; readers need not know which
 _CODECS = {"zstd": "zstd", "lz4": "lz4", "none": None}
 _ITER = re.compile(r"^iter_(\d{8})$")
 _SHARD = re.compile(r"^shard_r(\d{5})\.arrow$")
 _MANIFEST = re.compile(r"^iter_(\d{8})\.json$")
+_INDEX = "INDEX.json"
 _WRITEBACK_BYTES = 1 << 20  # a shard writer starts the disk write of every 1 MiB it has written
 _READ_AHEAD_BYTES = 256 << 20  # iter_shards queues the disk reads of this much of the following shards
 
@@ -66,8 +74,11 @@ def _advise(fd: int, offset: int, length: int, advice: str) -> None:
         os.posix_fadvise(fd, offset, length, getattr(os, f"POSIX_FADV_{advice}"))
 
 
-def _atomic_write_json(path: Path, payload: dict) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=1))
+def _atomic_write_json(path: Path, payload: dict) -> str:
+    """Write ``payload`` atomically; returns the SHA-256 of the bytes written."""
+    text = json.dumps(payload, indent=1)  # ASCII: the bytes on disk are text.encode()
+    atomic_write_text(path, text)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -261,23 +272,54 @@ class TrajectoryStore:
         return self.root / "manifests" / f"iter_{iteration:08d}.json"
 
     # index -------------------------------------------------------------------------------
+    def _index(self) -> dict[int, str]:
+        """INDEX.json: {published iteration: its manifest's SHA-256} (re-read whenever the file changed)."""
+        path = self.root / _INDEX
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise StoreError(f"{path} is missing: the store's list of published iterations was deleted") from None
+        key = ("index", stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if key not in self._cache:
+            try:
+                entries = {int(k): str(v) for k, v in json.loads(path.read_text())["iterations"].items()}
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
+                raise StoreError(f"{path}: corrupted store index ({error!r})") from None
+            self._cache[key] = entries
+        return self._cache[key]
+
+    def _write_index(self, entries: dict[int, str]) -> None:
+        _atomic_write_json(self.root / _INDEX, {"iterations": {str(k): entries[k] for k in sorted(entries)}})
+
     def iterations(self) -> list[int]:
-        """Published iterations, ascending (re-read from disk on every call)."""
-        return sorted(int(m.group(1)) for p in (self.root / "manifests").iterdir() if (m := _MANIFEST.match(p.name)))
+        """Published iterations, ascending (re-read from disk whenever INDEX.json changed)."""
+        return sorted(self._index())
 
     def is_published(self, iteration: int) -> bool:
-        return self.manifest_path(iteration).is_file()
+        return iteration in self._index()
+
+    def _manifest_files(self) -> list[int]:
+        """Iterations with a manifest file (published or the remains of an interrupted publish / removal)."""
+        return sorted(int(m.group(1)) for p in (self.root / "manifests").iterdir() if (m := _MANIFEST.match(p.name)))
 
     def info(self, iteration: int) -> IterationInfo:
         return self._cached("info", iteration, lambda: self._read_manifest(iteration))
 
     def _read_manifest(self, iteration: int) -> IterationInfo:
-        path = self.manifest_path(iteration)
-        try:
-            payload = json.loads(path.read_text())
-        except FileNotFoundError:
+        path, published = self.manifest_path(iteration), self._index()
+        if iteration not in published:
             raise StoreError(f"iteration {iteration} is not in the store {self.root} "
-                             f"(published: {_ranges(self.iterations())})") from None
+                             f"(published: {_ranges(sorted(published))})")
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"{path} is missing but {self.root / _INDEX} lists iteration {iteration}: the store "
+                             "was changed; restore the manifest or start a new store") from None
+        if hashlib.sha256(data).hexdigest() != published[iteration]:
+            raise StoreError(f"{path}: corrupted manifest (not the one published: its SHA-256 differs from "
+                             f"{_INDEX}'s; edited or damaged)")
+        try:
+            payload = json.loads(data)
         except json.JSONDecodeError as error:
             raise StoreError(f"{path}: corrupted manifest ({error})") from None
         if payload.get("schema_version") != SCHEMA_VERSION:
@@ -287,6 +329,11 @@ class TrajectoryStore:
             shards = tuple(ShardInfo.from_json(shard) for shard in payload["shards"])
         except (KeyError, TypeError) as error:
             raise StoreError(f"{path}: corrupted manifest (bad shard entry: {error!r})") from None
+        for position, shard in enumerate(shards):  # every path stays inside the store: the iteration's own shards
+            expected = str(self.shard_path(iteration, position).relative_to(self.root))
+            if shard.rank != position or shard.file != expected or len(shard.group_ids) != shard.rows:
+                raise StoreError(f"{path}: shard entry {position} names {shard.file!r} (rank {shard.rank}, "
+                                 f"{len(shard.group_ids)} group ids for {shard.rows} rows); expected {expected!r}")
         return IterationInfo(iteration=payload["iteration"], rows=payload["rows"], bytes=payload["bytes"],
                              mean_reward=payload["mean_reward"], mean_response_length=payload["mean_response_length"],
                              shards=shards)
@@ -306,6 +353,8 @@ class TrajectoryStore:
 
     def publish(self, iteration: int, num_writers: int) -> IterationInfo:
         """Make ``iteration`` visible once the shards of ranks 0..num_writers-1 are all complete."""
+        if self.is_published(iteration):
+            raise StoreError(f"iteration {iteration} is already published in {self.root}")
         directory = self.iteration_dir(iteration)
         found = sorted(int(m.group(1)) for p in directory.iterdir() if (m := _SHARD.match(p.name))) \
             if directory.is_dir() else []
@@ -336,7 +385,8 @@ class TrajectoryStore:
         payload = {"schema_version": SCHEMA_VERSION, "iteration": iteration, "rows": info.rows, "bytes": info.bytes,
                    "mean_reward": info.mean_reward, "mean_response_length": info.mean_response_length,
                    "shards": [shard.to_json() for shard in shards]}
-        _atomic_write_json(self.manifest_path(iteration), payload)
+        digest = _atomic_write_json(self.manifest_path(iteration), payload)
+        self._write_index({**self._index(), iteration: digest})  # the commit point
         return info
 
     # reading -----------------------------------------------------------------------------
@@ -349,17 +399,18 @@ class TrajectoryStore:
             if len(head) < end:
                 raise ValueError("schema message cut off")
             schema = pa.ipc.read_schema(pa.py_buffer(head[8:end]))
-        except (pa.ArrowException, ValueError, struct.error) as error:
+            metadata = schema.metadata or {}
+            version = metadata.get(b"remix.schema_version", b"?").decode()
+            extra = json.loads(metadata.get(b"remix.extra_columns", b"null"))
+            names = schema.names
+        except (pa.ArrowException, ValueError, struct.error, OSError) as error:  # OSError: a bad flatbuffer
             raise StoreError(f"{path}: unreadable or corrupted shard ({error})") from None
-        metadata = schema.metadata or {}
-        version = metadata.get(b"remix.schema_version", b"?").decode()
-        extra = json.loads(metadata.get(b"remix.extra_columns", b"null"))
         if version != str(SCHEMA_VERSION) or extra != list(self.extra_columns):
             raise StoreError(f"{path}: schema version {version} with extra columns {extra}; this store expects "
                              f"version {SCHEMA_VERSION} with {list(self.extra_columns)}")
         expected = arrow_schema(self.extra_columns)
         if not schema.equals(expected):
-            raise StoreError(f"{path}: columns {schema.names} / types differ from this store's schema")
+            raise StoreError(f"{path}: columns {names} / types differ from this store's schema")
         return expected
 
     def _decode(self, path: Path, schema: pa.Schema, index: int, batch: BatchInfo, data) -> pa.RecordBatch:
@@ -487,22 +538,32 @@ class TrajectoryStore:
             offsets[index] = position
             position += int(starts[index + 1] - starts[index])
         local = [offsets[g] + int(r - starts[g]) for r, g in zip(rows_array.tolist(), batch_of.tolist())]
-        return self._records(shard, table, local)
+        return self._records(shard, table, local, rows_array.tolist())
 
-    def _records(self, shard: ShardInfo, table: pa.Table, rows: Sequence[int] | None = None) -> list[Trajectory]:
+    def _records(self, shard: ShardInfo, table: pa.Table, rows: Sequence[int] | None = None,
+                 shard_rows: Sequence[int] | None = None) -> list[Trajectory]:
+        """Decoded records (``rows`` of ``table``, which hold the shard's rows ``shard_rows``; default all),
+        each group id checked against the manifest's (the sampler plans from those)."""
         try:
-            return from_table(table, self.extra_columns, rows=rows)
+            records = from_table(table, self.extra_columns, rows=rows)
         except ValueError as error:
             raise StoreError(f"{self.root / shard.file}: invalid records ({error})") from None
+        for row, record in zip(range(len(records)) if shard_rows is None else shard_rows, records):
+            if row >= len(shard.group_ids) or record.group_id != shard.group_ids[row]:
+                raise StoreError(f"{self.root / shard.file}: row {row} has group id {record.group_id}, the manifest "
+                                 f"says {shard.group_ids[row] if row < len(shard.group_ids) else 'nothing'}")
+        return records
 
     # retention ---------------------------------------------------------------------------
     def _remove(self, iterations: Iterable[int]) -> list[int]:
-        removed = []
-        for iteration in iterations:
-            self.manifest_path(iteration).unlink(missing_ok=True)  # invisible first, then delete
-            fsync_dir(self.root / "manifests")
+        removed = sorted(iterations)
+        if not removed:
+            return removed
+        self._write_index({k: v for k, v in self._index().items() if k not in set(removed)})  # invisible first
+        for iteration in removed:
+            self.manifest_path(iteration).unlink(missing_ok=True)
             shutil.rmtree(self.iteration_dir(iteration), ignore_errors=True)
-            removed.append(iteration)
+        fsync_dir(self.root / "manifests")
         return removed
 
     def prune(self, keep_last: int) -> list[int]:
@@ -516,28 +577,63 @@ class TrajectoryStore:
         """Delete published iterations newer than ``iteration`` (resuming from an older checkpoint)."""
         return self._remove([k for k in self.iterations() if k > iteration])
 
+    def _unpublished_dirs(self) -> tuple[list[Path], list[Path]]:
+        """Iteration directories INDEX.json does not list: (remains outside the published range, ones inside it).
+
+        Remains of an interrupted write lie after the last published iteration, those of an
+        interrupted prune before the first; one inside the range lost its index entry.
+        """
+        published = self.iterations()
+        outside, inside = [], []
+        for path in sorted(self.root.iterdir()):
+            match = _ITER.match(path.name)
+            if match and int(match.group(1)) not in published:
+                iteration = int(match.group(1))
+                within = bool(published) and published[0] < iteration < published[-1]
+                (inside if within else outside).append(path)
+        return outside, inside
+
     def cleanup_partial(self) -> list[str]:
-        """Delete temporary files and unpublished iteration directories; returns what was removed."""
+        """Delete temporary files, unlisted manifests and the iteration directories of interrupted writes and
+        prunes; returns what was removed. A published iteration's missing manifest, or unlisted shards inside
+        the published range, are a StoreError: they are never deleted."""
+        missing = [self.manifest_path(k) for k in self.iterations() if not self.manifest_path(k).is_file()]
+        outside, inside = self._unpublished_dirs()
+        if missing or inside:
+            raise StoreError(f"{self.root} was changed: {', '.join(map(str, missing + inside))} "
+                             f"{'is' if len(missing + inside) == 1 else 'are'} missing or not in {_INDEX}; "
+                             "nothing was deleted (run `remix-megatron store verify`, restore the files or start a "
+                             "new store)")
         removed = []
         for path in sorted(self.root.rglob("*.tmp")):
             path.unlink(missing_ok=True)
             removed.append(str(path.relative_to(self.root)))
-        for path in sorted(self.root.iterdir()):
-            match = _ITER.match(path.name)
-            if match and not self.is_published(int(match.group(1))):
-                shutil.rmtree(path)
-                removed.append(str(path.relative_to(self.root)))
+        published = set(self.iterations())
+        for iteration in self._manifest_files():
+            if iteration not in published:  # written by a publish cut before its index entry
+                self.manifest_path(iteration).unlink()
+                removed.append(str(self.manifest_path(iteration).relative_to(self.root)))
+        for path in outside:
+            shutil.rmtree(path)
+            removed.append(str(path.relative_to(self.root)))
         return removed
 
     def verify(self) -> list[str]:
-        """Read every published shard completely (every batch checksum, every row's consistency);
-        returns the problems found."""
-        problems = []
-        for iteration in self.iterations():
+        """Check the index against the manifests and read every published shard completely (every batch
+        checksum, every row's consistency, every group id against the manifest); returns the problems found."""
+        try:
+            published = self.iterations()
+        except StoreError as error:
+            return [str(error)]
+        problems = [f"{self.manifest_path(k)}: a manifest {_INDEX} does not list (an interrupted publish, or "
+                    "copied in)" for k in self._manifest_files() if k not in published]
+        problems += [f"{path}: shards of an iteration {_INDEX} does not list, inside the published range"
+                     for path in self._unpublished_dirs()[1]]
+        for iteration in published:
             try:
                 for shard in self.info(iteration).shards:
                     table = self._read_table(shard)
-                    self._records(shard, table)  # the rows' own consistency (array lengths, finish reasons)
+                    self._records(shard, table)  # the rows' own consistency, group ids as in the manifest
                     rows = table.num_rows
                     if rows != shard.rows:
                         problems.append(f"{self.root / shard.file}: {rows} rows, manifest says {shard.rows}")
@@ -582,6 +678,7 @@ def open_store(root: str | os.PathLike, *, extra_columns: Sequence[str] | None =
         if not create:
             raise StoreError(f"{root} is not a trajectory store (no STORE.json)")
         (root / "manifests").mkdir(parents=True, exist_ok=True)
+        _atomic_write_json(root / _INDEX, {"iterations": {}})  # before STORE.json, which completes the store
         _atomic_write_json(meta, {"format": FORMAT, "layout_version": LAYOUT_VERSION, "schema_version": SCHEMA_VERSION,
                                   "extra_columns": list(extra_columns or ())})
     try:
@@ -592,8 +689,8 @@ def open_store(root: str | os.PathLike, *, extra_columns: Sequence[str] | None =
         raise StoreError(f"{meta}: format {payload.get('format')!r} version {payload.get('schema_version')}; "
                          f"this code reads {FORMAT!r} version {SCHEMA_VERSION}")
     if payload.get("layout_version", 1) != LAYOUT_VERSION:
-        raise StoreError(f"{meta}: layout version {payload.get('layout_version', 1)} (1 = Parquet shards); this code "
-                         f"reads layout {LAYOUT_VERSION} (Arrow IPC shards): write a new store")
+        raise StoreError(f"{meta}: layout version {payload.get('layout_version', 1)} (1 = Parquet shards, 2 = no "
+                         f"{_INDEX}); this code reads layout {LAYOUT_VERSION}: write a new store")
     declared = tuple(payload["extra_columns"])
     if extra_columns is not None and tuple(extra_columns) != declared:
         raise StoreError(f"{root} declares extra columns {list(declared)}, asked for {list(extra_columns)}")

@@ -107,3 +107,48 @@ def test_deterministic_epochs_and_resume():
     assert [p.id for p in replay.next_batch(10)] == first
     with pytest.raises(ValueError, match="seed 3 and 7 prompts, this source has seed 4"):
         PromptSource(rows(7), CharTokenizer(), template="{problem}", seed=4).load_state_dict(state)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b'{"problem": "1+1", "answer": "2"}\n{"problem": "caf\xe9", "answer": "1"}\n',
+     r"data.jsonl:2: not UTF-8 text \(byte 0xe9 at column 17\); convert the file to UTF-8"),
+    (b'{"problem": "1+1", "answer": "2"}\n\n[1, 2]\n', r"data.jsonl:3: a JSON list where a record belongs"),
+    (b'"just a string"\n', r"data.jsonl:1: a JSON str where a record belongs"),
+    (b"\n  \n", r"data.jsonl holds no records"),
+    (b"", r"data.jsonl holds no records"),
+], ids=["latin-1", "array-line", "string-line", "blank-lines", "empty"])
+def test_bad_data_files_name_the_file_and_line(tmp_path, content, message):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        load_records(str(path))
+
+
+def test_empty_parquet_is_named(tmp_path):
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"problem": pa.array([], pa.string()), "answer": pa.array([], pa.string())}), path)
+    with pytest.raises(ValueError, match="data.parquet holds no records"):
+        load_records(str(path))
+
+
+def test_whitespace_only_answer_is_missing():
+    records = rows(3)
+    records[1]["answer"] = "  \t"
+    with pytest.raises(ValueError, match=r"train row 1 lacks 'answer' \(absent, empty or whitespace only"):
+        PromptSource(records, CharTokenizer(), template="{problem}", max_prompt_tokens=100, name="train")
+
+
+@pytest.mark.parametrize(("template", "message"), [
+    ("Q: {problem} \\boxed{}", r"has the fields \{\}, \{problem\}; it needs \{problem\} and no other"),
+    ("{problem", r"expected '\}' before end of string; write literal braces doubled"),
+    ("Solve it.", r"has the fields none; it needs \{problem\}"),
+    ("{problem} {answer}", r"has the fields \{answer\}, \{problem\}"),
+])
+def test_templates_other_than_one_problem_field_are_refused(template, message):
+    with pytest.raises(ValueError, match=message):
+        PromptSource(rows(2), CharTokenizer(), template=template, max_prompt_tokens=100)
+
+
+def test_doubled_braces_are_literal():
+    source = PromptSource(rows(1), CharTokenizer(), template="{problem} \\boxed{{}}", max_prompt_tokens=100)
+    assert "".join(chr(c) for c in source.prompts[0].token_ids[1:-1]) == "x \\boxed{}"

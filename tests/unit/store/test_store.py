@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -218,7 +219,9 @@ def test_schema_mismatch_and_bad_manifest_are_named(tmp_path):
     store.manifest_path(0).write_text("{not json")
     with pytest.raises(StoreError, match="corrupted manifest"):
         store.info(0)
-    store.manifest_path(0).write_text(json.dumps({"schema_version": 99}))
+    text = json.dumps({"schema_version": 99})  # a manifest of another code version, consistently indexed
+    store.manifest_path(0).write_text(text)
+    (store.root / "INDEX.json").write_text(json.dumps({"iterations": {"0": hashlib.sha256(text.encode()).hexdigest()}}))
     with pytest.raises(StoreError, match="schema version 99"):
         store.info(0)
     with pytest.raises(StoreError, match="is not a trajectory store"):
