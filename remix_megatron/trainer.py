@@ -30,27 +30,28 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from remix_megatron.algorithms import ADVANTAGE_ESTIMATORS, ActorLossInputs, AdvantageInputs, check_algorithm_names
-from remix_megatron.algorithms import fresh_prompts, kl_lambda, learning_rate, phase
+from remix_megatron.algorithms import ADVANTAGE_ESTIMATORS, ActorLossInputs, AdvantageInputs
+from remix_megatron.algorithms import kl_lambda, learning_rate, phase
 from remix_megatron.algorithms.advantages import grpo_advantages
 from remix_megatron.algorithms.megatron_adapter import (
     CriticTargets, MicroBatch, actor_loss_builder, critic_loss_builder, forward_logprobs, forward_values,
     reduce_metrics, run_pipeline, split_micro_batches,
 )
 from remix_megatron.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
-from remix_megatron.config import ConfigError, ExperimentConfig, config_to_dict
+from remix_megatron.config import ExperimentConfig, config_to_dict
 from remix_megatron.convert.export import export_hf, load_hf_into
 from remix_megatron.data import PromptSource, load_records
-from remix_megatron.evaluation import Benchmark, resolve_benchmarks, self_reflection
+from remix_megatron.evaluation import Benchmark, config_benchmarks, self_reflection
 from remix_megatron.evaluation.runner import EvalSettings, evaluate_benchmarks, write_outputs
 from remix_megatron.metrics_log import RunLog
 from remix_megatron.models import build_actor, build_critic, make_trainable
-from remix_megatron.parallel import ParallelState, init_parallel
+from remix_megatron.parallel import ParallelState, init_parallel, world_size_from_env
 from remix_megatron.planning import CRITIC_ESTIMATORS
 from remix_megatron.rewards import REWARDS
 from remix_megatron.rollout import SamplingParams, get_engine_factory
 from remix_megatron.rollout.weight_sync import check_logprob_gap, logprob_gap, sync_weights
 from remix_megatron.store import MixedSampler, Trajectory, open_store
+from remix_megatron.validation import validate
 
 
 @dataclass
@@ -413,18 +414,6 @@ def _update(model, minibatches: list[list], builder, state, counters: dict, limi
 # ------------------------------------------------------------------------------ evaluation and logging
 
 
-def _eval_benchmarks(cfg: ExperimentConfig) -> list[Benchmark]:
-    """The held-out set (greedy, ``data.eval_size`` problems) and ``data.eval_benchmarks``, if any."""
-    out = []
-    if cfg.data.eval_path:
-        out += resolve_benchmarks([f"heldout={cfg.data.eval_path}"], cfg.data.benchmark_dir)
-    if cfg.data.eval_benchmarks:
-        samples = cfg.data.eval_samples
-        out += resolve_benchmarks(cfg.data.eval_benchmarks, cfg.data.benchmark_dir, samples=samples,
-                                  temperature=(cfg.data.eval_temperature if samples > 1 else 0.0) if samples else None)
-    return out
-
-
 def _evaluate(k: int, benchmarks: list[Benchmark], engine, tokenizer, grader, cfg: ExperimentConfig,
               state: ParallelState, models: Models) -> dict[str, float]:
     """Score the current actor on the evaluation sets (split over DP ranks); generations saved per evaluation."""
@@ -473,8 +462,6 @@ def _rollout_stats(result: RolloutResult, state: ParallelState) -> dict[str, flo
 
 
 def _train_source(cfg: ExperimentConfig, tokenizer) -> PromptSource:
-    if not cfg.data.train_path:
-        raise ConfigError("data.train_path is required for training (a .jsonl / .parquet / HF datasets path)")
     return PromptSource(load_records(cfg.data.train_path), tokenizer, seed=cfg.trainer.seed, name="train",
                         template=cfg.data.template, max_prompt_tokens=cfg.rollout.max_prompt_tokens,
                         overlong=cfg.data.overlong, problem_key=cfg.data.problem_key, answer_key=cfg.data.answer_key,
@@ -540,25 +527,15 @@ def train(cfg: ExperimentConfig) -> list[dict]:
     """Run ReMix (or PPO / GRPO, by config) up to ``trainer.num_steps`` iterations; returns the metrics."""
     from transformers import AutoTokenizer
 
-    check_algorithm_names(cfg.algorithm.policy_loss, cfg.algorithm.advantage_estimator)
-    sampling = (cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
-    if sampling != (1.0, 1.0, -1):
-        raise ConfigError(
-            f"rollout.temperature={sampling[0]}, top_p={sampling[1]}, top_k={sampling[2]}: training rollouts must "
-            "come from the policy the losses use. Every log-prob in them (behaviour, pi_k, reference, the importance "
-            "ratios and V-trace traces) is of the untempered, untruncated distribution, as the engines' are (vLLM's "
-            "raw log-probs): sample with temperature 1.0, top_p 1.0, top_k -1, the paper's setting.")
-    if not cfg.model.hf_path:
-        raise ConfigError("model.hf_path is required for training: the HF checkpoint to start from (weights and "
-                          "tokenizer)")
+    checked = validate(cfg, world_size_from_env())  # every weight-free check, before anything heavy
     grader = REWARDS.get(cfg.data.reward)()
     state = init_parallel(cfg)
+    if state.rank == 0:
+        for warning in checked.warnings:
+            print(f"warning: {warning}", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
     train_source = _train_source(cfg, tokenizer)
-    try:
-        evaluations = _eval_benchmarks(cfg)
-    except ValueError as error:
-        raise ConfigError(f"evaluation sets: {error}") from None
+    evaluations = config_benchmarks(cfg.data)
     models = _build_models(cfg, state)
     run_dir, checkpoints = Path(cfg.trainer.run_dir), cfg.trainer.checkpoint_root
     store = open_store(cfg.store.path or run_dir / "store", create=True, extra_columns=["grpo_advantage"],
@@ -568,11 +545,6 @@ def train(cfg: ExperimentConfig) -> list[dict]:
     store = store or open_store(cfg.store.path or run_dir / "store", row_group_size=cfg.store.row_group_size,
                                 compression=cfg.store.compression)
     sampler = MixedSampler.from_config(cfg, groups_per_step=cfg.rollout.prompts_per_step)
-    smallest = fresh_prompts(cfg.rollout.prompts_per_step, cfg.algorithm.off_policy_portion,
-                             cfg.algorithm.fresh_multiple_of)
-    if smallest < state.data_parallel:
-        raise ConfigError(f"{smallest} fresh prompts per step cannot give each of the {state.data_parallel} data-parallel "
-                          "ranks one: raise rollout.prompts_per_step or lower algorithm.off_policy_portion")
     counters = {"rollouts": 0}
     first = 1
     if cfg.trainer.resume and latest_iteration(checkpoints) is not None:

@@ -2,8 +2,8 @@
 
 Every field carries a one-line doc (``metadata["doc"]``) that also lands in the generated
 reference YAML (configs/reference.yaml). Checks that need only one section run in that
-section's ``__post_init__``; checks across sections (heads divisible by TP, world size by
-TP*PP, ...) run in ``remix_megatron.config.validate_layout``.
+section's ``__post_init__`` (on every load); checks across sections, registries, the world size
+or the file system run in ``remix_megatron.validation.validate``, the one path every command takes.
 """
 
 from __future__ import annotations
@@ -178,6 +178,7 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         _require_positive(self, "micro_batch_size", "global_batch_size", "seq_length", "num_steps")
+        _require(self.seed >= 0, f"trainer.seed={self.seed} must be >= 0 (numpy's generators take no negative seed)")
         _require(self.global_batch_size % self.micro_batch_size == 0,
                  f"trainer.global_batch_size={self.global_batch_size} is not divisible by "
                  f"trainer.micro_batch_size={self.micro_batch_size}")
@@ -333,7 +334,8 @@ class RolloutConfig:
                              "vllm/sglang schedule their own batches)", 256)
     weight_sync_bucket_mb: int = doc("weight sync: MB of HF-named tensors sent to the engine per bucket", 512)
     logprob_check_interval: int = doc("compare engine and actor log-probs every this many syncs; 0 = never", 1)
-    logprob_check_threshold: float = doc("warn when the mean |engine - actor| log-prob gap exceeds this", 0.05)
+    logprob_check_threshold: float = doc("stop the run (LogprobMismatchError) when the mean |engine - actor| "
+                                         "log-prob gap exceeds this: the engine's weights or numerics are off", 0.05)
 
     def __post_init__(self) -> None:
         _require_choice("rollout.engine", self.engine, ENGINE_NAMES)
