@@ -224,6 +224,19 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from remix_megatron.metrics_log import overlay_plots, read_history, run_names
+
+    runs = [Path(run) for run in args.runs]
+    histories = {name: read_history(run) for name, run in zip(run_names(runs) if len(runs) > 1 else [""], runs)}
+    out = Path(args.out) if args.out else (runs[0] if len(runs) == 1 else Path("runs/overlay"))
+    for path in overlay_plots(histories, out):
+        print(f"plot: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="remix-megatron", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -286,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--slurm", action="store_true", help="submit each point with sbatch launch/slurm.sbatch")
     sweep.add_argument("--aggregate-only", action="store_true", help="only write the table and plot of finished runs")
     sweep.set_defaults(func=_cmd_sweep)
+    plot = sub.add_parser("plot", help="the run plots of RUN_DIR, or of several runs overlaid (finished or running)")
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (each with a metrics.jsonl)")
+    plot.add_argument("--out", default=None, help="directory for the PNGs (default: the run directory; several runs: "
+                                                  "runs/overlay)")
+    plot.set_defaults(func=_cmd_plot)
     presets = sub.add_parser("presets", help="list model presets")
     presets.set_defaults(func=_cmd_presets)
     return parser

@@ -35,9 +35,9 @@ import yaml
 
 from remix_megatron.config import ConfigError, ExperimentConfig, load_config
 from remix_megatron.fileio import atomic_write_text
-from remix_megatron.metrics_log import against_rollouts, curve, pyplot, save_figure
+from remix_megatron.metrics_log import against_rollouts, curve, describe, pyplot, save_figure
 from remix_megatron.planning import format_memory, plan_memory
-from remix_megatron.validation import validate
+from remix_megatron.validation import training_problems, validate
 
 LAUNCH_DIR = Path(__file__).resolve().parent.parent / "launch"
 LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
@@ -101,7 +101,9 @@ def expand(spec: SweepSpec, extra_overrides: Sequence[str] = ()) -> list[SweepPo
     for values in itertools.product(*(spec.grid[key] for key in keys)):
         name = "_".join(f"{key.split('.')[-1]}-{_scalar(value)}" for key, value in zip(keys, values))
         run_dir = spec.root / name
-        overrides = [*spec.overrides, *(f"{k}={_scalar(v)}" for k, v in zip(keys, values)), *extra_overrides,
+        # wandb: the sweep's points are one group, each run named by its grid values (the command line may rename)
+        overrides = [f"trainer.wandb_group={spec.name}", f"trainer.wandb_name={name}", *spec.overrides,
+                     *(f"{k}={_scalar(v)}" for k, v in zip(keys, values)), *extra_overrides,
                      f"trainer.run_dir={run_dir}"]
         try:
             cfg = load_config(spec.config, overrides)
@@ -113,7 +115,8 @@ def expand(spec: SweepSpec, extra_overrides: Sequence[str] = ()) -> list[SweepPo
 
 
 def check_points(spec: SweepSpec, points: Sequence[SweepPoint], *, slurm: bool) -> None:
-    """Every check ``train`` makes (local: on nproc_per_node ranks), and on Slurm the memory plan of the cluster section."""
+    """Every check ``train`` makes on nproc_per_node ranks; on Slurm those that need none of the files the
+    job reads on the nodes, and the memory plan of the cluster section."""
     for point in points:
         try:
             if not slurm:
@@ -121,7 +124,9 @@ def check_points(spec: SweepSpec, points: Sequence[SweepPoint], *, slurm: bool) 
                 continue
             if not point.config.cluster.gpus_per_node:
                 raise ConfigError("Slurm runs need cluster.nodes and cluster.gpus_per_node in the config")
-            validate(point.config)
+            validate(point.config, training=False)
+            for problem in training_problems(point.config):  # the job reads its files on the cluster's nodes
+                print(f"[{point.name}] note: train will refuse this point unless the nodes see otherwise: {problem}")
             plan = plan_memory(point.config)
             if not plan.fits:
                 raise ConfigError("the memory plan does not fit:\n" + format_memory(plan))
@@ -259,13 +264,14 @@ def _plot(spec: SweepSpec, points: Sequence[SweepPoint], path: Path) -> list[Pat
     metrics = [m for m in spec.metrics if any(m in r for h in histories.values() for r in h)]
     if not metrics:
         return []
-    figure, axes = plt.subplots(len(metrics), 1, figsize=(6, 2.8 * len(metrics)), squeeze=False)
+    figure, axes = plt.subplots(len(metrics), 1, figsize=(8, 3.6 * len(metrics)), squeeze=False)
     for axis, metric in zip(axes[:, 0], metrics):
         for name, history in histories.items():
             points_xy = curve(history, metric)
             if points_xy:
-                axis.plot(*zip(*points_xy), marker="o" if len(points_xy) < 30 else None, label=name)
-        against_rollouts(axis, metric, legend=True)
+                axis.plot(*zip(*points_xy), marker="o" if len(points_xy) < 30 else None, markersize=3, label=name)
+        title, ylabel = describe(metric)
+        against_rollouts(axis, title, ylabel=ylabel, legend=True)
     return [save_figure(figure, path)]
 
 

@@ -39,6 +39,7 @@ from remix_megatron.algorithms.megatron_adapter import (
 )
 from remix_megatron.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
 from remix_megatron.config import ExperimentConfig, config_to_dict
+from remix_megatron.console import iteration_line, say
 from remix_megatron.convert.export import export_hf, load_hf_into
 from remix_megatron.data import PromptSource, load_records
 from remix_megatron.evaluation import Benchmark, config_benchmarks, self_reflection
@@ -83,6 +84,7 @@ def _build_models(cfg: ExperimentConfig, state: ParallelState) -> Models:
         critic = make_trainable(build_critic(cfg.model, state, seed=cfg.trainer.seed), cfg.critic_optimizer,
                                 cfg.parallel, state)
     models = Models(actor=actor, critic=critic, ref=build_actor(cfg.model, state), prev=build_actor(cfg.model, state))
+    say("start", f"loading weights from {cfg.model.hf_path}", active=state.rank == 0)
     load_hf_into(cfg.model.hf_path, cfg.model, state, actor=actor.unwrapped(),
                  critic=critic.unwrapped() if critic is not None else None)
     for model in (actor, critic):
@@ -417,6 +419,8 @@ def _update(model, minibatches: list[list], builder, state, counters: dict, limi
 def _evaluate(k: int, benchmarks: list[Benchmark], engine, tokenizer, grader, cfg: ExperimentConfig,
               state: ParallelState, models: Models) -> dict[str, float]:
     """Score the current actor on the evaluation sets (split over DP ranks); generations saved per evaluation."""
+    start = time.perf_counter()
+    say("event", f"evaluation at iteration {k} started: {', '.join(b.name for b in benchmarks)}", active=state.rank == 0)
     engine.wake_up()
     _sync(engine, models, cfg, state)
     metrics = {}
@@ -443,6 +447,7 @@ def _evaluate(k: int, benchmarks: list[Benchmark], engine, tokenizer, grader, cf
     if scored:
         metrics["eval/average"] = sum(scored) / len(scored)
     engine.sleep()
+    say("event", f"evaluation at iteration {k} finished in {time.perf_counter() - start:.1f} s", active=state.rank == 0)
     return metrics
 
 
@@ -536,6 +541,9 @@ def train(cfg: ExperimentConfig) -> list[dict]:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
     train_source = _train_source(cfg, tokenizer)
     evaluations = config_benchmarks(cfg.data)
+    say("start", f"building models: actor{', critic' if cfg.algorithm.advantage_estimator in CRITIC_ESTIMATORS else ''}"
+        f", reference, precedent ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
+        f"TP{state.tensor_parallel} x PP{state.pipeline_parallel} x DP{state.data_parallel})", active=state.rank == 0)
     models = _build_models(cfg, state)
     run_dir, checkpoints = Path(cfg.trainer.run_dir), cfg.trainer.checkpoint_root
     store = open_store(cfg.store.path or run_dir / "store", create=True, extra_columns=["grpo_advantage"],
@@ -550,16 +558,18 @@ def train(cfg: ExperimentConfig) -> list[dict]:
     if cfg.trainer.resume and latest_iteration(checkpoints) is not None:
         payload = load_checkpoint(checkpoints, models.named(), state)
         first = payload["iteration"] + 1
+        say("event", f"resumed from iteration {payload['iteration']} ({checkpoints})", active=state.rank == 0)
         saved = payload["trainer_state"]
         train_source.load_state_dict(saved["prompts"])
         counters["rollouts"] = saved["rollouts"]
         if state.rank == 0:
             store.truncate_after(payload["iteration"])  # the store matches the checkpoint again
     dist.barrier()
+    say("start", f"starting the {cfg.rollout.engine} generation engine", active=state.rank == 0)
     engine = get_engine_factory(cfg.rollout.engine)(cfg.rollout, cfg.model, state, cfg.model.hf_path,
                                                      seed=cfg.trainer.seed)
-    log = RunLog(run_dir, active=state.rank == 0, wandb_project=cfg.trainer.wandb_project,
-                 config=config_to_dict(cfg))
+    log = RunLog(run_dir, active=state.rank == 0, trainer=cfg.trainer, config=config_to_dict(cfg),
+                 first_iteration=first)
     history: list[dict] = []
     if evaluations and first == 1 and cfg.data.eval_interval:
         history.append({"iteration": 0, "rollouts_total": 0,
@@ -578,10 +588,11 @@ def train(cfg: ExperimentConfig) -> list[dict]:
                 record.update(_evaluate(k, evaluations, engine, tokenizer, grader, cfg, state, models))
             interval = cfg.trainer.save_interval
             if interval >= 0 and (k == cfg.trainer.num_steps or (interval and k % interval == 0) or stopped):
-                save_checkpoint(checkpoints, k, models.named(), state,
+                saved_to = save_checkpoint(checkpoints, k, models.named(), state,
                                 {"prompts": train_source.state_dict(), "rollouts": counters["rollouts"],
                                  "reincarnated": record["reincarnated"]}, config=cfg,
                                 keep_last=cfg.trainer.keep_checkpoints)
+                say("event", f"checkpoint of iteration {k} saved: {saved_to}", active=state.rank == 0)
             _report(k, record, cfg, state, history, log)
             if stopped:
                 break
@@ -597,18 +608,15 @@ def train(cfg: ExperimentConfig) -> list[dict]:
 
 
 def _report(k: int, record: dict, cfg: ExperimentConfig, state: ParallelState, history: list, log: RunLog) -> None:
-    """Keep, log and print one iteration's metrics."""
+    """Keep, log and print one iteration's metrics (``trainer.console_metrics``), and its events."""
     history.append(record)
     log.write(record)
     if state.rank == 0:
-        accuracy = _eval_line(record)
-        seconds = record["time/iteration_s"]
-        remaining = (cfg.trainer.num_steps - k) * seconds
-        print(f"[{k}/{cfg.trainer.num_steps}] reward {record['reward_mean']:.3f} length "
-              f"{record['response_length']:.1f} ratio {record['actor/ratio_mean']:.3f} clip "
-              f"{record['actor/clip_frac']:.3f} rollouts {record['rollouts_total']} | {seconds:.1f} s/it, "
-              f"{record['rollouts'] / max(seconds, 1e-9):.0f} rollouts/s, ~{remaining / 60:.1f} min left"
-              f"{accuracy}", flush=True)
+        if k == cfg.algorithm.reincarnation_step + 1 and cfg.algorithm.reincarnation_step:
+            say("event", f"policy reincarnation after step {k - 1}: the reference is now that policy; on-policy "
+                         f"from iteration {k} (UTD {record['utd']})")
+        print(iteration_line(k, cfg.trainer.num_steps, record, cfg.trainer.console_metrics) + _eval_line(record),
+              flush=True)
 
 
 def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Models, engine, tokenizer, grader,

@@ -17,6 +17,7 @@ from pathlib import Path
 from remix_megatron.algorithms import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, fresh_prompts
 from remix_megatron.config import ConfigError, ExperimentConfig, layout_errors
 from remix_megatron.evaluation import config_benchmarks
+from remix_megatron.metrics_log import check_loggers
 from remix_megatron.rewards import REWARDS
 from remix_megatron.rollout import get_engine_factory
 
@@ -138,7 +139,7 @@ def validate(cfg: ExperimentConfig, world_size: int | None = None, *, training: 
     """
     size = resolve_world_size(cfg, world_size)
     data_parallel, problems = layout_problems(cfg, size)
-    problems += _non_finite(cfg, "") + _registered(cfg) + _sampling(cfg)
+    problems += _non_finite(cfg, "") + _registered(cfg) + _sampling(cfg) + check_loggers(cfg.trainer.loggers)
     if training:
         problems += training_problems(cfg)
     if problems:

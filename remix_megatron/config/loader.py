@@ -236,6 +236,8 @@ def _reference_lines(cls: type, defaults: object | None, indent: str) -> list[st
             default = getattr(defaults, f.name)
         elif f.default is not dataclasses.MISSING:
             default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
         else:
             lines.append(f"{indent}{f.name}: ???  # required")
             continue

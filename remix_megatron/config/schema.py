@@ -153,6 +153,9 @@ def _critic_optimizer() -> OptimizerConfig:
 
 
 CONTROLS = ("none", "no_update", "shuffled_rewards")
+LOGGERS = ("jsonl", "wandb", "tensorboard")
+CONSOLE_METRICS = ("reward_mean", "response_length", "actor/pg_loss", "actor/kl_ref", "actor/lr", "actor/ratio_mean",
+                   "actor/clip_frac")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,8 +173,16 @@ class TrainerConfig:
                              "0 = after the last only; -1 = never", 0)
     keep_checkpoints: int = doc("complete checkpoints to keep (older ones are deleted)", 2)
     resume: bool = doc("continue from the newest complete checkpoint in checkpoint_dir when there is one", True)
-    wandb_project: str = doc("log to this wandb project (offline without WANDB_API_KEY); '' = JSONL and plots only",
-                             "")
+    loggers: list[str] = doc("metric backends besides metrics.jsonl (always written) and the PNG plots: wandb | "
+                             "tensorboard (<run_dir>/tensorboard)", default_factory=lambda: ["jsonl"])
+    wandb_project: str = doc("wandb project (loggers has wandb); online when wandb finds credentials (WANDB_API_KEY, "
+                             "`wandb login`) or WANDB_MODE says so, else offline", "remix-megatron")
+    wandb_entity: str = doc("wandb entity (team or user); '' = wandb's default", "")
+    wandb_name: str = doc("wandb run name; '' = the run directory's name", "")
+    wandb_group: str = doc("wandb group (a sweep puts its points in one group named after the sweep); '' = none", "")
+    wandb_tags: list[str] = doc("wandb tags", default_factory=list)
+    console_metrics: list[str] = doc("metrics in each iteration's console line (any metrics.jsonl key; a missing one "
+                                     "is left out)", default_factory=lambda: list(CONSOLE_METRICS))
     max_skipped_steps: int = doc("stop after this many optimizer steps in a row skipped for NaN/inf gradients", 3)
     control: str = doc("control experiment (benchmarks): none | no_update (losses computed, no optimizer step) | "
                        "shuffled_rewards (each step's fresh rewards permuted across its rollouts)", "none")
@@ -187,6 +198,8 @@ class TrainerConfig:
         _require(self.keep_checkpoints >= 1, f"trainer.keep_checkpoints={self.keep_checkpoints} must be >= 1")
         _require(self.max_skipped_steps >= 1, f"trainer.max_skipped_steps={self.max_skipped_steps} must be >= 1")
         _require_choice("trainer.control", self.control, CONTROLS)
+        for logger in self.loggers:
+            _require_choice("trainer.loggers entry", logger, LOGGERS)
 
     @property
     def checkpoint_root(self) -> str:
