@@ -30,6 +30,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.2"],
+        "tensorboard": ["tensorboard>=2.14"],  # trainer.loggers: [tensorboard] (torch.utils.tensorboard needs it)
         # GPU only: never install on a CPU machine (transformer-engine's PyPI package raises on
         # import without CUDA, which breaks megatron-core's own imports).
         # (the transformer-engine range is the one megatron-core 0.16.1 itself is tested with)

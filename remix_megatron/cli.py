@@ -10,15 +10,30 @@ import argparse
 import sys
 from typing import Sequence
 
-from remix_megatron.config import (
-    MODEL_PRESETS, ConfigError, load_config, reference_yaml, save_config, to_yaml, validate_layout,
-)
+from remix_megatron.config import MODEL_PRESETS, ConfigError, load_config, reference_yaml, save_config, to_yaml
 from remix_megatron.evaluation import command as evaluation_command
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="experiment YAML (see configs/)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tensor_parallel=2")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tensor_parallel=2 (anywhere "
+                                                     "among the options)")
+
+
+def _world_size(text: str) -> int:
+    """argparse type of --world-size: a positive rank count."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of ranks") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _print_checked(checked) -> None:
+    for warning in checked.warnings:
+        print(f"warning: {warning}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -74,9 +89,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
         raise ConfigError(f"'config {args.action}' needs a config file")
     cfg = load_config(args.config, args.overrides)
     if args.action == "check":
-        data_parallel = validate_layout(cfg, args.world_size)
-        print(f"OK: world size {args.world_size} = TP{cfg.parallel.tensor_parallel} x "
-              f"PP{cfg.parallel.pipeline_parallel} x DP{data_parallel}")
+        from remix_megatron.validation import validate
+
+        checked = validate(cfg, args.world_size)
+        _print_checked(checked)
+        print(f"OK: world size {checked.world_size} = TP{cfg.parallel.tensor_parallel} x "
+              f"PP{cfg.parallel.pipeline_parallel} x DP{checked.data_parallel}")
         return 0
     sys.stdout.write(to_yaml(cfg))
     return 0
@@ -84,8 +102,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _cmd_dryrun(args: argparse.Namespace) -> int:
     from remix_megatron.planning import format_layout, format_memory, plan_memory
+    from remix_megatron.validation import training_problems, validate
 
     cfg = load_config(args.config, args.overrides)
+    _print_checked(validate(cfg, args.world_size, training=False))
+    for problem in training_problems(cfg):  # paths a launch may still supply (model.hf_path=... on the cluster)
+        print(f"note: train will refuse this config as it stands: {problem}")
     plan = plan_memory(cfg, args.world_size, gpu_memory_gib=args.gpu_memory_gib)
     print(format_layout(plan.layout))
     print(format_memory(plan))
@@ -202,6 +224,19 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from remix_megatron.metrics_log import overlay_plots, read_history, run_names
+
+    runs = [Path(run) for run in args.runs]
+    histories = {name: read_history(run) for name, run in zip(run_names(runs) if len(runs) > 1 else [""], runs)}
+    out = Path(args.out) if args.out else (runs[0] if len(runs) == 1 else Path("runs/overlay"))
+    for path in overlay_plots(histories, out):
+        print(f"plot: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="remix-megatron", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -218,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("action", choices=("reference", "show", "check"))
     config.add_argument("config", nargs="?", default=None, help="experiment YAML (show, check)")
     config.add_argument("overrides", nargs="*", help="dotted overrides")
-    config.add_argument("--world-size", type=int, default=1, help="ranks to check the layout for (check)")
+    config.add_argument("--world-size", type=_world_size, default=None,
+                        help="ranks to check the layout for (check; default: cluster.nodes x cluster.gpus_per_node, "
+                             "else TP x PP)")
     config.set_defaults(func=_cmd_config)
     store = sub.add_parser("store", help="inspect, verify or prune a trajectory store")
     store.add_argument("action", choices=("inspect", "verify", "prune"))
@@ -249,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     dryrun = sub.add_parser("dryrun", help="check a config's layout and memory per GPU for a world size, without "
                                            "GPUs or processes (exit 1 when it does not fit)")
     _add_config_args(dryrun)
-    dryrun.add_argument("--world-size", type=int, default=None,
+    dryrun.add_argument("--world-size", type=_world_size, default=None,
                         help="ranks to plan for (default: cluster.nodes x cluster.gpus_per_node, else TP x PP)")
     dryrun.add_argument("--gpu-memory-gib", type=float, default=None,
                         help="GPU memory to check against (default: cluster.gpu_memory_gib; 0 = no check)")
@@ -262,13 +299,30 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--slurm", action="store_true", help="submit each point with sbatch launch/slurm.sbatch")
     sweep.add_argument("--aggregate-only", action="store_true", help="only write the table and plot of finished runs")
     sweep.set_defaults(func=_cmd_sweep)
+    plot = sub.add_parser("plot", help="the run plots of RUN_DIR, or of several runs overlaid (finished or running)")
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (each with a metrics.jsonl)")
+    plot.add_argument("--out", default=None, help="directory for the PNGs (default: the run directory; several runs: "
+                                                  "runs/overlay)")
+    plot.set_defaults(func=_cmd_plot)
     presets = sub.add_parser("presets", help="list model presets")
     presets.set_defaults(func=_cmd_presets)
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; dotted overrides may come anywhere, also after options (``--world-size 4 a.b=1``)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as error:

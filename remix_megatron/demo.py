@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 
 from remix_megatron.algorithms import ADVANTAGE_ESTIMATORS, ActorLossInputs, AdvantageInputs, kl_lambda, phase
-from remix_megatron.algorithms import check_algorithm_names
 from remix_megatron.algorithms.megatron_adapter import (
     CriticTargets, MicroBatch, actor_loss_builder, critic_loss_builder, forward_logprobs, forward_values,
     reduce_metrics, run_pipeline, split_micro_batches,
@@ -39,7 +38,8 @@ from remix_megatron.convert.export import load_hf_into
 from remix_megatron.models import (
     build_actor, build_critic, iter_full_tensors, load_full_state_dict, make_trainable, param_grad,
 )
-from remix_megatron.parallel import ParallelState, init_parallel
+from remix_megatron.parallel import ParallelState, init_parallel, world_size_from_env
+from remix_megatron.validation import validate
 
 PROMPT_TOKENS = 4
 
@@ -171,7 +171,7 @@ def _train_step(model, batches, builder, state, dump, name, dump_grads: bool) ->
 def run_demo(cfg: ExperimentConfig, *, dump_dir: str | None = None, init_from: str | None = None) -> dict:
     """Build (or resume), run ReMix iterations up to ``num_steps``, checkpoint, print a summary."""
     start = time.perf_counter()
-    check_algorithm_names(cfg.algorithm.policy_loss, cfg.algorithm.advantage_estimator)
+    validate(cfg, world_size_from_env(), training=False)
     state = init_parallel(cfg)
     actor = make_trainable(build_actor(cfg.model, state), cfg.actor_optimizer, cfg.parallel, state)
     critic = make_trainable(build_critic(cfg.model, state, seed=cfg.trainer.seed), cfg.critic_optimizer,

@@ -36,8 +36,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from remix_megatron.algorithms.schedules import fresh_prompts
-from remix_megatron.config import ConfigError, ExperimentConfig, ModelConfig, validate_layout
+from remix_megatron.config import ConfigError, ExperimentConfig, ModelConfig
+from remix_megatron.validation import layout_problems, resolve_world_size
 
 GIB = 1 << 30
 #: CUDA context, NCCL buffers and allocator fragmentation per GPU (an allowance, not a measurement).
@@ -95,34 +95,12 @@ class Layout:
                 for chunk in range(vpp)]
 
 
-def plan_world_size(cfg: ExperimentConfig, world_size: int | None = None) -> int:
-    """The world size to plan for: given, else the config's cluster, else the smallest (TP x PP)."""
-    if world_size:
-        return world_size
-    return cfg.cluster.world_size or cfg.parallel.model_parallel_size
-
-
 def plan_layout(cfg: ExperimentConfig, world_size: int) -> Layout:
-    """Validate ``cfg`` for ``world_size`` ranks as the trainer would, and return its grid."""
-    data_parallel = validate_layout(cfg, world_size)
-    par = cfg.parallel
-    problems = []
-    if world_size < par.model_parallel_size:
-        problems.append(f"world size {world_size} is smaller than tensor_parallel*pipeline_parallel="
-                        f"{par.model_parallel_size}")
-    try:
-        fresh = fresh_prompts(cfg.rollout.prompts_per_step, cfg.algorithm.off_policy_portion,
-                              cfg.algorithm.fresh_multiple_of)
-    except ValueError as error:
-        raise ConfigError(f"rollout.prompts_per_step: {error}") from None
-    if fresh < data_parallel:
-        problems.append(f"{fresh} fresh prompts per step cannot give each of the {data_parallel} data-parallel "
-                        "ranks one: raise rollout.prompts_per_step or lower algorithm.off_policy_portion")
-    if par.sequence_parallel and cfg.trainer.seq_length % par.tensor_parallel:
-        problems.append(f"trainer.seq_length={cfg.trainer.seq_length} is not divisible by "
-                        f"parallel.tensor_parallel={par.tensor_parallel} (sequence parallelism splits it)")
+    """Validate ``cfg``'s layout for ``world_size`` ranks as the trainer would, and return its grid."""
+    data_parallel, problems = layout_problems(cfg, world_size)
     if problems:
         raise ConfigError("invalid layout:\n  " + "\n  ".join(problems))
+    par = cfg.parallel
     return Layout(tensor_parallel=par.tensor_parallel, pipeline_parallel=par.pipeline_parallel,
                   data_parallel=data_parallel, virtual_pipeline=par.virtual_pipeline,
                   num_layers=cfg.model.num_layers)
@@ -276,7 +254,7 @@ def _uses_gpu(cfg: ExperimentConfig) -> bool:
 def plan_memory(cfg: ExperimentConfig, world_size: int | None = None, *,
                 gpu_memory_gib: float | None = None) -> MemoryPlan:
     """The per-GPU memory plan of ``cfg`` on ``world_size`` ranks (default: its cluster section)."""
-    layout = plan_layout(cfg, plan_world_size(cfg, world_size))
+    layout = plan_layout(cfg, resolve_world_size(cfg, world_size))
     gpu = _uses_gpu(cfg)
     precision = cfg.parallel.precision if cfg.parallel.precision != "auto" else ("bf16" if gpu else "fp32")
     dtype_bytes = 2 if precision == "bf16" else 4

@@ -24,6 +24,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -34,8 +35,9 @@ import yaml
 
 from remix_megatron.config import ConfigError, ExperimentConfig, load_config
 from remix_megatron.fileio import atomic_write_text
-from remix_megatron.metrics_log import against_rollouts, curve, pyplot, save_figure
-from remix_megatron.planning import format_memory, plan_layout, plan_memory
+from remix_megatron.metrics_log import against_rollouts, curve, describe, pyplot, save_figure
+from remix_megatron.planning import format_memory, plan_memory
+from remix_megatron.validation import training_problems, validate
 
 LAUNCH_DIR = Path(__file__).resolve().parent.parent / "launch"
 LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
@@ -99,7 +101,9 @@ def expand(spec: SweepSpec, extra_overrides: Sequence[str] = ()) -> list[SweepPo
     for values in itertools.product(*(spec.grid[key] for key in keys)):
         name = "_".join(f"{key.split('.')[-1]}-{_scalar(value)}" for key, value in zip(keys, values))
         run_dir = spec.root / name
-        overrides = [*spec.overrides, *(f"{k}={_scalar(v)}" for k, v in zip(keys, values)), *extra_overrides,
+        # wandb: the sweep's points are one group, each run named by its grid values (the command line may rename)
+        overrides = [f"trainer.wandb_group={spec.name}", f"trainer.wandb_name={name}", *spec.overrides,
+                     *(f"{k}={_scalar(v)}" for k, v in zip(keys, values)), *extra_overrides,
                      f"trainer.run_dir={run_dir}"]
         try:
             cfg = load_config(spec.config, overrides)
@@ -111,14 +115,18 @@ def expand(spec: SweepSpec, extra_overrides: Sequence[str] = ()) -> list[SweepPo
 
 
 def check_points(spec: SweepSpec, points: Sequence[SweepPoint], *, slurm: bool) -> None:
-    """Layout (local: nproc_per_node ranks) or layout and memory (Slurm: the cluster section) of every point."""
+    """Every check ``train`` makes on nproc_per_node ranks; on Slurm those that need none of the files the
+    job reads on the nodes, and the memory plan of the cluster section."""
     for point in points:
         try:
             if not slurm:
-                plan_layout(point.config, spec.nproc_per_node)
+                validate(point.config, spec.nproc_per_node)
                 continue
             if not point.config.cluster.gpus_per_node:
                 raise ConfigError("Slurm runs need cluster.nodes and cluster.gpus_per_node in the config")
+            validate(point.config, training=False)
+            for problem in training_problems(point.config):  # the job reads its files on the cluster's nodes
+                print(f"[{point.name}] note: train will refuse this point unless the nodes see otherwise: {problem}")
             plan = plan_memory(point.config)
             if not plan.fits:
                 raise ConfigError("the memory plan does not fit:\n" + format_memory(plan))
@@ -147,11 +155,38 @@ def finished(point: SweepPoint) -> bool:
     return bool(history) and history[-1].get("iteration", 0) >= point.config.trainer.num_steps
 
 
+def _run_logged(cmd: list[str], env: dict, log_path: Path) -> int:
+    """Run ``cmd`` with its output shown live and kept in ``log_path``; returns its exit status."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                      text=True, bufsize=1) as process:
+        for line in process.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+    return process.returncode
+
+
+_RANK_PREFIX = re.compile(r"^\[(?:default)?(?:rank)?\d+\]:")  # what torch prefixes to a worker's traceback lines
+#: a worker's own error line: the CLI's "<kind> error: ..." or a raised exception's last line
+_ERROR_LINE = re.compile(r"^(?:[a-z]+ error: |(?:[A-Za-z_][\w.]*)?(?:Error|Exception|Interrupt)\b.*: )")
+
+
+def point_error(log_text: str) -> str:
+    """The failing point's own error in its log: the last error line a worker printed, not the report of
+    torchrun's elastic agent (ChildFailedError and its failure table) that follows it."""
+    for line in reversed(log_text.splitlines()):
+        line = _RANK_PREFIX.sub("", line).strip()
+        if _ERROR_LINE.match(line) and "elastic" not in line and "ChildFailedError" not in line:
+            return line
+    return "no error line in its output"
+
+
 def launch(spec: SweepSpec, points: Sequence[SweepPoint], *, slurm: bool, dry_run: bool) -> list[dict]:
     """Run (or, with ``dry_run``, print) each point's command; returns what was done per point."""
     # Each point is its own job: no rendezvous settings leak in from a launcher this sweep runs under.
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES and not k.startswith("TORCHELASTIC_")}
     env.update(NPROC_PER_NODE=str(spec.nproc_per_node), PYTHON=os.environ.get("PYTHON", sys.executable))
+    prefix = "" if slurm else f"NPROC_PER_NODE={spec.nproc_per_node} "  # what the local command runs with
     done = []
     for point in points:
         cmd = command(spec, point, slurm=slurm)
@@ -160,17 +195,24 @@ def launch(spec: SweepSpec, points: Sequence[SweepPoint], *, slurm: bool, dry_ru
             print(f"[{point.name}] finished earlier: skipped", flush=True)
             done.append({**entry, "status": "skipped"})
             continue
-        print(f"[{point.name}] {' '.join(cmd)}", flush=True)
+        print(f"[{point.name}] {prefix}{' '.join(cmd)}", flush=True)
         if dry_run:
             done.append({**entry, "status": "dry-run"})
             continue
-        result = subprocess.run(cmd, env=env, capture_output=slurm, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"sweep point {point.name} failed (exit {result.returncode})"
-                               + (f": {result.stderr.strip()}" if slurm else f"; see {point.run_dir}"))
-        status = result.stdout.strip() if slurm else "done"  # sbatch: "Submitted batch job N"
         if slurm:
+            result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"sweep point {point.name}: sbatch failed (exit {result.returncode}): "
+                                   f"{result.stderr.strip()}")
+            status = result.stdout.strip()  # "Submitted batch job N"
             print(f"[{point.name}] {status}", flush=True)
+        else:
+            log_path = point.run_dir / "sweep_point.log"
+            returncode = _run_logged(cmd, env, log_path)
+            if returncode != 0:
+                raise RuntimeError(f"sweep point {point.name} failed (exit {returncode}): "
+                                   f"{point_error(log_path.read_text())}\n  its full output: {log_path}")
+            status = "done"
         done.append({**entry, "status": status})
     return done
 
@@ -222,13 +264,14 @@ def _plot(spec: SweepSpec, points: Sequence[SweepPoint], path: Path) -> list[Pat
     metrics = [m for m in spec.metrics if any(m in r for h in histories.values() for r in h)]
     if not metrics:
         return []
-    figure, axes = plt.subplots(len(metrics), 1, figsize=(6, 2.8 * len(metrics)), squeeze=False)
+    figure, axes = plt.subplots(len(metrics), 1, figsize=(8, 3.6 * len(metrics)), squeeze=False)
     for axis, metric in zip(axes[:, 0], metrics):
         for name, history in histories.items():
             points_xy = curve(history, metric)
             if points_xy:
-                axis.plot(*zip(*points_xy), marker="o" if len(points_xy) < 30 else None, label=name)
-        against_rollouts(axis, metric, legend=True)
+                axis.plot(*zip(*points_xy), marker="o" if len(points_xy) < 30 else None, markersize=3, label=name)
+        title, ylabel = describe(metric)
+        against_rollouts(axis, title, ylabel=ylabel, legend=True)
     return [save_figure(figure, path)]
 
 
@@ -249,6 +292,9 @@ def run(path: str, overrides: Sequence[str] = (), *, slurm: bool = False, dry_ru
             if slurm and not dry_run:
                 print(f"submitted; when the jobs are done: remix-megatron sweep {path} --aggregate-only", flush=True)
             return 0
+    elif not any(read_metrics(point.run_dir) for point in points):
+        raise RuntimeError(f"no point of sweep {spec.name} has metrics in {spec.root} yet: nothing to aggregate "
+                           "(run the sweep first, or wait for its Slurm jobs)")
     for written in write_summary(spec, points):
         print(f"wrote {written}", flush=True)
     print((spec.root / "summary.md").read_text(), flush=True)

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from remix_megatron.algorithms import ADVANTAGE_ESTIMATORS, ActorLossInputs, AdvantageInputs, check_algorithm_names
-from remix_megatron.algorithms import fresh_prompts, kl_lambda, learning_rate, phase
+from remix_megatron.algorithms import ADVANTAGE_ESTIMATORS, ActorLossInputs, AdvantageInputs
+from remix_megatron.algorithms import kl_lambda, learning_rate, phase
 from remix_megatron.algorithms.advantages import grpo_advantages
 from remix_megatron.algorithms.megatron_adapter import (
     CriticTargets, MicroBatch, actor_loss_builder, critic_loss_builder, forward_logprobs, forward_values,
@@ -39,20 +39,22 @@ from remix_megatron.algorithms.megatron_adapter import (
 )
 from remix_megatron.checkpoint import load_checkpoint, save_checkpoint
 from remix_megatron.config import ConfigError, ExperimentConfig, config_to_dict, save_config
+from remix_megatron.console import iteration_line, say
 from remix_megatron.convert.export import export_hf, load_hf_into
 from remix_megatron.data import PromptSource, load_records
-from remix_megatron.evaluation import Benchmark, resolve_benchmarks, self_reflection
+from remix_megatron.evaluation import Benchmark, config_benchmarks, self_reflection
 from remix_megatron.evaluation.runner import EvalSettings, evaluate_benchmarks, write_outputs
 from remix_megatron.faults import fault_point
 from remix_megatron.metrics_log import RunLog
 from remix_megatron.models import build_actor, build_critic, make_trainable
-from remix_megatron.parallel import ParallelState, init_parallel
+from remix_megatron.parallel import ParallelState, init_parallel, world_size_from_env
 from remix_megatron.planning import CRITIC_ESTIMATORS
 from remix_megatron.rewards import REWARDS
 from remix_megatron.rollout import SamplingParams, get_engine_factory
 from remix_megatron.rollout.weight_sync import check_logprob_gap, logprob_gap, sync_weights
 from remix_megatron.rundir import check_run_dir, finished_iteration, read_metrics, restore_run
 from remix_megatron.store import MixedSampler, Trajectory, open_store
+from remix_megatron.validation import validate
 
 
 @dataclass
@@ -84,6 +86,7 @@ def _build_models(cfg: ExperimentConfig, state: ParallelState) -> Models:
         critic = make_trainable(build_critic(cfg.model, state, seed=cfg.trainer.seed), cfg.critic_optimizer,
                                 cfg.parallel, state)
     models = Models(actor=actor, critic=critic, ref=build_actor(cfg.model, state), prev=build_actor(cfg.model, state))
+    say("start", f"loading weights from {cfg.model.hf_path}", active=state.rank == 0)
     load_hf_into(cfg.model.hf_path, cfg.model, state, actor=actor.unwrapped(),
                  critic=critic.unwrapped() if critic is not None else None)
     for model in (actor, critic):
@@ -415,21 +418,11 @@ def _update(model, minibatches: list[list], builder, state, counters: dict, limi
 # ------------------------------------------------------------------------------ evaluation and logging
 
 
-def _eval_benchmarks(cfg: ExperimentConfig) -> list[Benchmark]:
-    """The held-out set (greedy, ``data.eval_size`` problems) and ``data.eval_benchmarks``, if any."""
-    out = []
-    if cfg.data.eval_path:
-        out += resolve_benchmarks([f"heldout={cfg.data.eval_path}"], cfg.data.benchmark_dir)
-    if cfg.data.eval_benchmarks:
-        samples = cfg.data.eval_samples
-        out += resolve_benchmarks(cfg.data.eval_benchmarks, cfg.data.benchmark_dir, samples=samples,
-                                  temperature=(cfg.data.eval_temperature if samples > 1 else 0.0) if samples else None)
-    return out
-
-
 def _evaluate(k: int, benchmarks: list[Benchmark], engine, tokenizer, grader, cfg: ExperimentConfig,
               state: ParallelState, models: Models) -> dict[str, float]:
     """Score the current actor on the evaluation sets (split over DP ranks); generations saved per evaluation."""
+    start = time.perf_counter()
+    say("event", f"evaluation at iteration {k} started: {', '.join(b.name for b in benchmarks)}", active=state.rank == 0)
     engine.wake_up()
     _sync(engine, models, cfg, state)
     metrics = {}
@@ -456,6 +449,7 @@ def _evaluate(k: int, benchmarks: list[Benchmark], engine, tokenizer, grader, cf
     if scored:
         metrics["eval/average"] = sum(scored) / len(scored)
     engine.sleep()
+    say("event", f"evaluation at iteration {k} finished in {time.perf_counter() - start:.1f} s", active=state.rank == 0)
     return metrics
 
 
@@ -475,8 +469,6 @@ def _rollout_stats(result: RolloutResult, state: ParallelState) -> dict[str, flo
 
 
 def _train_source(cfg: ExperimentConfig, tokenizer) -> PromptSource:
-    if not cfg.data.train_path:
-        raise ConfigError("data.train_path is required for training (a .jsonl / .parquet / HF datasets path)")
     try:
         return PromptSource(load_records(cfg.data.train_path), tokenizer, seed=cfg.trainer.seed, name="train",
                             template=cfg.data.template, max_prompt_tokens=cfg.rollout.max_prompt_tokens,
@@ -545,19 +537,12 @@ def train(cfg: ExperimentConfig) -> list[dict]:
     """Run ReMix (or PPO / GRPO, by config) up to ``trainer.num_steps`` iterations; returns the metrics."""
     from transformers import AutoTokenizer
 
-    check_algorithm_names(cfg.algorithm.policy_loss, cfg.algorithm.advantage_estimator)
-    sampling = (cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
-    if sampling != (1.0, 1.0, -1):
-        raise ConfigError(
-            f"rollout.temperature={sampling[0]}, top_p={sampling[1]}, top_k={sampling[2]}: training rollouts must "
-            "come from the policy the losses use. Every log-prob in them (behaviour, pi_k, reference, the importance "
-            "ratios and V-trace traces) is of the untempered, untruncated distribution, as the engines' are (vLLM's "
-            "raw log-probs): sample with temperature 1.0, top_p 1.0, top_k -1, the paper's setting.")
-    if not cfg.model.hf_path:
-        raise ConfigError("model.hf_path is required for training: the HF checkpoint to start from (weights and "
-                          "tokenizer)")
+    checked = validate(cfg, world_size_from_env())  # every weight-free check, before anything heavy
     grader = REWARDS.get(cfg.data.reward)()
     state = init_parallel(cfg)
+    if state.rank == 0:
+        for warning in checked.warnings:
+            print(f"warning: {warning}", flush=True)
     resume_from = check_run_dir(cfg, rank=state.rank, barrier=dist.barrier)
     if finished_iteration(cfg, resume_from):
         return _finished(cfg, state, resume_from)
@@ -565,10 +550,10 @@ def train(cfg: ExperimentConfig) -> list[dict]:
         save_config(cfg, Path(cfg.trainer.run_dir) / "config.yaml")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
     train_source = _train_source(cfg, tokenizer)
-    try:
-        evaluations = _eval_benchmarks(cfg)
-    except ValueError as error:
-        raise ConfigError(f"evaluation sets: {error}") from None
+    evaluations = config_benchmarks(cfg.data)
+    say("start", f"building models: actor{', critic' if cfg.algorithm.advantage_estimator in CRITIC_ESTIMATORS else ''}"
+        f", reference, precedent ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
+        f"TP{state.tensor_parallel} x PP{state.pipeline_parallel} x DP{state.data_parallel})", active=state.rank == 0)
     models = _build_models(cfg, state)
     run_dir, checkpoints = Path(cfg.trainer.run_dir), cfg.trainer.checkpoint_root
     store = open_store(cfg.store.path or run_dir / "store", create=True, extra_columns=["grpo_advantage"],
@@ -578,25 +563,22 @@ def train(cfg: ExperimentConfig) -> list[dict]:
     store = store or open_store(cfg.store.path or run_dir / "store", row_group_size=cfg.store.row_group_size,
                                 compression=cfg.store.compression)
     sampler = MixedSampler.from_config(cfg, groups_per_step=cfg.rollout.prompts_per_step)
-    smallest = fresh_prompts(cfg.rollout.prompts_per_step, cfg.algorithm.off_policy_portion,
-                             cfg.algorithm.fresh_multiple_of)
-    if smallest < state.data_parallel:
-        raise ConfigError(f"{smallest} fresh prompts per step cannot give each of the {state.data_parallel} data-parallel "
-                          "ranks one: raise rollout.prompts_per_step or lower algorithm.off_policy_portion")
     counters = {"rollouts": 0}
     first = 1
     if resume_from is not None:
         payload = load_checkpoint(checkpoints, models.named(), state, iteration=resume_from)
         first = payload["iteration"] + 1
+        say("event", f"resumed from iteration {payload['iteration']} ({checkpoints})", active=state.rank == 0)
         saved = payload["trainer_state"]
         train_source.load_state_dict(saved["prompts"])
         counters["rollouts"] = saved["rollouts"]
     # The store and metrics.jsonl match the checkpoint again (or are empty without one).
     history = _shared_history(restore_run(cfg, store, resume_from) if state.rank == 0 else [])
+    say("start", f"starting the {cfg.rollout.engine} generation engine", active=state.rank == 0)
     engine = get_engine_factory(cfg.rollout.engine)(cfg.rollout, cfg.model, state, cfg.model.hf_path,
                                                      seed=cfg.trainer.seed)
-    log = RunLog(run_dir, active=state.rank == 0, wandb_project=cfg.trainer.wandb_project,
-                 config=config_to_dict(cfg))
+    log = RunLog(run_dir, active=state.rank == 0, trainer=cfg.trainer, config=config_to_dict(cfg),
+                 first_iteration=first)
     if evaluations and first == 1 and cfg.data.eval_interval:
         history.append({"iteration": 0, "rollouts_total": 0,
                         **_evaluate(0, evaluations, engine, tokenizer, grader, cfg, state, models)})
@@ -616,11 +598,12 @@ def train(cfg: ExperimentConfig) -> list[dict]:
             fault_point("metrics_written", k)
             interval = cfg.trainer.save_interval
             if interval >= 0 and (k == cfg.trainer.num_steps or (interval and k % interval == 0) or stopped):
-                save_checkpoint(checkpoints, k, models.named(), state,
+                saved_to = save_checkpoint(checkpoints, k, models.named(), state,
                                 {"prompts": train_source.state_dict(), "rollouts": counters["rollouts"],
                                  "reincarnated": record["reincarnated"]}, config=cfg,
                                 keep_last=cfg.trainer.keep_checkpoints)
                 fault_point("checkpoint_saved", k)
+                say("event", f"checkpoint of iteration {k} saved: {saved_to}", active=state.rank == 0)
             if stopped:
                 break
     engine.shutdown()
@@ -652,18 +635,15 @@ def _finished(cfg: ExperimentConfig, state: ParallelState, iteration: int) -> li
 
 
 def _report(k: int, record: dict, cfg: ExperimentConfig, state: ParallelState, history: list, log: RunLog) -> None:
-    """Keep, log and print one iteration's metrics."""
+    """Keep, log and print one iteration's metrics (``trainer.console_metrics``), and its events."""
     history.append(record)
     log.write(record)
     if state.rank == 0:
-        accuracy = _eval_line(record)
-        seconds = record["time/iteration_s"]
-        remaining = (cfg.trainer.num_steps - k) * seconds
-        print(f"[{k}/{cfg.trainer.num_steps}] reward {record['reward_mean']:.3f} length "
-              f"{record['response_length']:.1f} ratio {record['actor/ratio_mean']:.3f} clip "
-              f"{record['actor/clip_frac']:.3f} rollouts {record['rollouts_total']} | {seconds:.1f} s/it, "
-              f"{record['rollouts'] / max(seconds, 1e-9):.0f} rollouts/s, ~{remaining / 60:.1f} min left"
-              f"{accuracy}", flush=True)
+        if k == cfg.algorithm.reincarnation_step + 1 and cfg.algorithm.reincarnation_step:
+            say("event", f"policy reincarnation after step {k - 1}: the reference is now that policy; on-policy "
+                         f"from iteration {k} (UTD {record['utd']})")
+        print(iteration_line(k, cfg.trainer.num_steps, record, cfg.trainer.console_metrics) + _eval_line(record),
+              flush=True)
 
 
 def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Models, engine, tokenizer, grader,

@@ -10,14 +10,8 @@ from remix_megatron.algorithms.policy_loss import POLICY_LOSSES
 from remix_megatron.algorithms.schedules import Phase, fresh_prompts, kl_lambda, learning_rate, phase, rollout_cost
 
 
-def check_algorithm_names(policy_loss: str, advantage_estimator: str) -> None:
-    """Fail early, with the known names, for a config naming an unregistered loss or estimator."""
-    POLICY_LOSSES.get(policy_loss)
-    ADVANTAGE_ESTIMATORS.get(advantage_estimator)
-
-
 __all__ = [
     "ADVANTAGE_ESTIMATORS", "AdvantageInputs", "AdvantageOutput", "KL_ESTIMATORS", "kl_convex",
     "ActorLossInputs", "LossResult", "actor_loss", "critic_loss", "POLICY_LOSSES", "Phase", "fresh_prompts",
-    "kl_lambda", "learning_rate", "phase", "rollout_cost", "check_algorithm_names",
+    "kl_lambda", "learning_rate", "phase", "rollout_cost",
 ]

@@ -47,17 +47,79 @@ def _check_keys(data: Mapping[str, Any], cls: type, path: str, source: str) -> N
             _check_keys(value, types[key], f"{full}.", source)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (yaml keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice "
+                                  "(YAML would keep the last silently); keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_text(text: str, source: str) -> Any:
+    """Plain data from YAML text (duplicate keys refused); ``source`` names it in errors."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source} is not valid YAML: {error}") from None
+
+
+def _refuse_interpolation(data: Any, path: str, source: str) -> None:
+    """YAML is data only: OmegaConf would resolve ``${...}`` (``${oc.env:HOME}`` reads the environment)."""
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            _refuse_interpolation(value, f"{path}{key}.", source)
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            _refuse_interpolation(value, f"{path}{index}.", source)
+    elif isinstance(data, str) and "${" in data:
+        raise ConfigError(f"'{path[:-1]}' in {source} holds {data!r}: interpolation (${{...}}) is not supported, "
+                          "configs are data only; write the value itself")
+
+
+def _field_type(key: str) -> Any:
+    """The declared type of a dotted key (None when it names no field: _check_keys reports that)."""
+    cls: Any = ExperimentConfig
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls) or part not in _field_types(cls):
+            return None
+        cls = _field_types(cls)[part]
+    return cls
+
+
+def _override_value(key: str, text: str) -> Any:
+    """A string field takes the text as written (``data.template=Q: {problem}``); others parse as YAML."""
+    if _field_type(key) is str:
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {key}={text!r}: not a valid value ({str(error).splitlines()[0]})") from None
+
+
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """``["a.b=1", "c=x"]`` -> nested dict, values parsed as YAML scalars."""
+    """``["a.b=1", "c=x"]`` -> nested dict; values typed by their field (see ``_override_value``)."""
+    parsed: dict[str, Any] = {}
     for item in overrides:
-        key = item.split("=", 1)[0]
+        key, _, text = item.partition("=")
         if "=" not in item or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. parallel.tensor_parallel=2)")
-    try:
-        parsed = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
-    except oc_errors.OmegaConfBaseException as error:
-        raise ConfigError(f"cannot parse overrides {list(overrides)}: {error}") from None
+        *parents, leaf = key.split(".")
+        node = parsed
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is set to a value and used as a section")
+        node[leaf] = _override_value(key, text)
     _check_keys(parsed, ExperimentConfig, "", "command-line overrides")
+    _refuse_interpolation(parsed, "", "command-line overrides")
     return parsed
 
 
@@ -66,14 +128,12 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    data = load_yaml_text(path.read_text(), str(path))
     data = {} if data is None else data
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path} must hold a mapping of sections at top level, got {type(data).__name__}")
     _check_keys(data, ExperimentConfig, "", str(path))
+    _refuse_interpolation(data, "", str(path))
     return data
 
 
@@ -110,8 +170,8 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     return build_config(*layers, parse_overrides(overrides))
 
 
-def validate_layout(cfg: ExperimentConfig, world_size: int) -> int:
-    """Check that the model and batch split over ``world_size`` ranks; return the DP size."""
+def layout_errors(cfg: ExperimentConfig, world_size: int) -> list[str]:
+    """What keeps the model and batch from splitting over ``world_size`` ranks (empty when they do)."""
     par, model, trainer = cfg.parallel, cfg.model, cfg.trainer
     tp, pp, vpp = par.tensor_parallel, par.pipeline_parallel, par.virtual_pipeline
     errors = []
@@ -132,9 +192,15 @@ def validate_layout(cfg: ExperimentConfig, world_size: int) -> int:
     if trainer.seq_length > model.max_position_embeddings:
         errors.append(f"trainer.seq_length={trainer.seq_length} exceeds "
                       f"model.max_position_embeddings={model.max_position_embeddings}")
+    return errors
+
+
+def validate_layout(cfg: ExperimentConfig, world_size: int) -> int:
+    """Check that the model and batch split over ``world_size`` ranks; return the DP size."""
+    errors = layout_errors(cfg, world_size)
     if errors:
         raise ConfigError("invalid parallel layout:\n  " + "\n  ".join(errors))
-    return data_parallel
+    return max(world_size // cfg.parallel.model_parallel_size, 1)
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -170,6 +236,8 @@ def _reference_lines(cls: type, defaults: object | None, indent: str) -> list[st
             default = getattr(defaults, f.name)
         elif f.default is not dataclasses.MISSING:
             default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
         else:
             lines.append(f"{indent}{f.name}: ???  # required")
             continue

@@ -2,8 +2,8 @@
 
 Every field carries a one-line doc (``metadata["doc"]``) that also lands in the generated
 reference YAML (configs/reference.yaml). Checks that need only one section run in that
-section's ``__post_init__``; checks across sections (heads divisible by TP, world size by
-TP*PP, ...) run in ``remix_megatron.config.validate_layout``.
+section's ``__post_init__`` (on every load); checks across sections, registries, the world size
+or the file system run in ``remix_megatron.validation.validate``, the one path every command takes.
 """
 
 from __future__ import annotations
@@ -153,6 +153,9 @@ def _critic_optimizer() -> OptimizerConfig:
 
 
 CONTROLS = ("none", "no_update", "shuffled_rewards")
+LOGGERS = ("jsonl", "wandb", "tensorboard")
+CONSOLE_METRICS = ("reward_mean", "response_length", "actor/pg_loss", "actor/kl_ref", "actor/lr", "actor/ratio_mean",
+                   "actor/clip_frac")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,14 +176,23 @@ class TrainerConfig:
                        "default); false refuses a run_dir that already holds a run", True)
     overwrite: bool = doc("remove the earlier run's store, checkpoints, metrics, plots and export in run_dir, then "
                           "start afresh", False)
-    wandb_project: str = doc("log to this wandb project (offline without WANDB_API_KEY); '' = JSONL and plots only",
-                             "")
+    loggers: list[str] = doc("metric backends besides metrics.jsonl (always written) and the PNG plots: wandb | "
+                             "tensorboard (<run_dir>/tensorboard)", default_factory=lambda: ["jsonl"])
+    wandb_project: str = doc("wandb project (loggers has wandb); online when wandb finds credentials (WANDB_API_KEY, "
+                             "`wandb login`) or WANDB_MODE says so, else offline", "remix-megatron")
+    wandb_entity: str = doc("wandb entity (team or user); '' = wandb's default", "")
+    wandb_name: str = doc("wandb run name; '' = the run directory's name", "")
+    wandb_group: str = doc("wandb group (a sweep puts its points in one group named after the sweep); '' = none", "")
+    wandb_tags: list[str] = doc("wandb tags", default_factory=list)
+    console_metrics: list[str] = doc("metrics in each iteration's console line (any metrics.jsonl key; a missing one "
+                                     "is left out)", default_factory=lambda: list(CONSOLE_METRICS))
     max_skipped_steps: int = doc("stop after this many optimizer steps in a row skipped for NaN/inf gradients", 3)
     control: str = doc("control experiment (benchmarks): none | no_update (losses computed, no optimizer step) | "
                        "shuffled_rewards (each step's fresh rewards permuted across its rollouts)", "none")
 
     def __post_init__(self) -> None:
         _require_positive(self, "micro_batch_size", "global_batch_size", "seq_length", "num_steps")
+        _require(self.seed >= 0, f"trainer.seed={self.seed} must be >= 0 (numpy's generators take no negative seed)")
         _require(self.global_batch_size % self.micro_batch_size == 0,
                  f"trainer.global_batch_size={self.global_batch_size} is not divisible by "
                  f"trainer.micro_batch_size={self.micro_batch_size}")
@@ -189,6 +201,8 @@ class TrainerConfig:
         _require(self.keep_checkpoints >= 1, f"trainer.keep_checkpoints={self.keep_checkpoints} must be >= 1")
         _require(self.max_skipped_steps >= 1, f"trainer.max_skipped_steps={self.max_skipped_steps} must be >= 1")
         _require_choice("trainer.control", self.control, CONTROLS)
+        for logger in self.loggers:
+            _require_choice("trainer.loggers entry", logger, LOGGERS)
 
     @property
     def checkpoint_root(self) -> str:
@@ -336,7 +350,8 @@ class RolloutConfig:
                              "vllm/sglang schedule their own batches)", 256)
     weight_sync_bucket_mb: int = doc("weight sync: MB of HF-named tensors sent to the engine per bucket", 512)
     logprob_check_interval: int = doc("compare engine and actor log-probs every this many syncs; 0 = never", 1)
-    logprob_check_threshold: float = doc("warn when the mean |engine - actor| log-prob gap exceeds this", 0.05)
+    logprob_check_threshold: float = doc("stop the run (LogprobMismatchError) when the mean |engine - actor| "
+                                         "log-prob gap exceeds this: the engine's weights or numerics are off", 0.05)
 
     def __post_init__(self) -> None:
         _require_choice("rollout.engine", self.engine, ENGINE_NAMES)

@@ -11,7 +11,7 @@ from remix_megatron.checkpoint import checkpoint_dir, load_checkpoint, read_trai
 from remix_megatron.config import ConfigError, ExperimentConfig, load_config
 from remix_megatron.convert.export import export_hf, load_hf_into, verify_against_hf
 from remix_megatron.models import build_actor, build_critic, make_trainable
-from remix_megatron.parallel import destroy_parallel, init_parallel
+from remix_megatron.parallel import destroy_parallel, init_parallel, world_size_from_env
 
 #: to-hf runs at TP1/PP1 on one process unless the command line overrides the layout.
 SINGLE_PROCESS = ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=1", "parallel.virtual_pipeline=1",
@@ -24,9 +24,22 @@ def _need_hf_path(cfg: ExperimentConfig) -> str:
     return cfg.model.hf_path
 
 
+def _need_ranks(cfg: ExperimentConfig, action: str) -> None:
+    """A layout of more ranks than this run has: say how to launch it rather than fail in the layout check."""
+    needed, world = cfg.parallel.model_parallel_size, world_size_from_env()
+    if world % needed == 0:
+        return
+    par = cfg.parallel
+    raise ConfigError(f"this config is laid out TP{par.tensor_parallel} x PP{par.pipeline_parallel} ({needed} ranks) "
+                      f"but this run has {world}: start it with NPROC_PER_NODE={needed} launch/torchrun.sh convert "
+                      f"{action} ..., or check one process with parallel.tensor_parallel=1 "
+                      "parallel.pipeline_parallel=1 parallel.virtual_pipeline=1")
+
+
 def from_hf(cfg: ExperimentConfig) -> Path:
     """HF weights -> actor and critic trunk at the configured layout -> checkpoint iteration 0."""
     hf_path = _need_hf_path(cfg)
+    _need_ranks(cfg, "from-hf")
     state = init_parallel(cfg)
     try:
         actor = make_trainable(build_actor(cfg.model, state), cfg.actor_optimizer, cfg.parallel, state)
@@ -69,6 +82,7 @@ def to_hf(root: str, out_dir: str, *, which: str, iteration: int | None, dtype: 
 def verify_hf(cfg: ExperimentConfig, *, tolerance: float) -> bool:
     """Load ``model.hf_path`` at the configured layout and compare logits with transformers."""
     hf_path = _need_hf_path(cfg)
+    _need_ranks(cfg, "verify-hf")
     state = init_parallel(cfg)
     try:
         actor = build_actor(cfg.model, state)

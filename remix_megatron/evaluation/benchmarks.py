@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from remix_megatron.config import DataConfig
+
 PAPER_BENCHMARKS = ("aime24", "amc23", "math500", "minerva", "olympiadbench")
 
 
@@ -77,4 +79,16 @@ def resolve_benchmarks(specs: str | list[str], data_dir: str | Path, *, samples:
             t = protocol.temperature if temperature is None else temperature
             protocol = replace(protocol, samples=k, temperature=t)
         out.append(Benchmark(name=name, path=str(path), protocol=protocol))
+    return out
+
+
+def config_benchmarks(data: DataConfig) -> list[Benchmark]:
+    """The held-out set (greedy, ``data.eval_size`` problems) and ``data.eval_benchmarks``, if any."""
+    out = []
+    if data.eval_path:
+        out += resolve_benchmarks([f"heldout={data.eval_path}"], data.benchmark_dir)
+    if data.eval_benchmarks:
+        samples = data.eval_samples
+        out += resolve_benchmarks(data.eval_benchmarks, data.benchmark_dir, samples=samples,
+                                  temperature=(data.eval_temperature if samples > 1 else 0.0) if samples else None)
     return out

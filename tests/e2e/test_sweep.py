@@ -54,3 +54,27 @@ def test_tiny_sweep_runs_and_aggregates(tmp_path):
                                               "response_length": "30.0"}
     assert (out / "sweep.png").stat().st_size > 5000 and (out / "off_policy_portion-0.2" / "config.yaml").is_file()
     assert "| off_policy_portion-0.2 | 0.2 | 1 | 24 |" in stdout
+
+
+def test_failing_point_shows_its_own_error_and_log(tmp_path):
+    """A point that fails at run time (prompts that are not JSON) is reported by its worker's own error
+    and the path of its log, not by torchrun's ChildFailedError report."""
+    from remix_megatron.data.tiny import build_tiny_model
+
+    tiny = build_tiny_model()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    out = tmp_path / "sweep"
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "bad", "config": "configs/tiny_remix_ppo.yaml", "out_dir": str(out),
+        "grid": {"trainer.seed": [1]},
+        "overrides": [f"model.hf_path={tiny}", f"data.train_path={bad}", "data.eval_interval=0", "trainer.num_steps=1"]}))
+    result = subprocess.run([sys.executable, "-m", "remix_megatron.cli", "sweep", str(path)], cwd=REPO, text=True,
+                            capture_output=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1
+    log = out / "seed-1" / "sweep_point.log"
+    assert result.stderr.strip().splitlines() == [
+        f"sweep error: sweep point seed-1 failed (exit 1): ValueError: {bad}:1: not valid JSON "
+        "(Expecting value: line 1 column 1 (char 0))", f"  its full output: {log}"]
+    assert "ChildFailedError" in log.read_text()  # torchrun's report is kept in the log, not repeated as the error

@@ -85,7 +85,7 @@ def test_tp2_pp2_config_matches_one_process(tiny_dir, tmp_path):
 def test_wandb_offline_plots_and_periodic_benchmarks(tiny_dir, tmp_path):
     run = tmp_path / "run"
     data = REPO.parent / "shared" / "data"
-    out = run_cli(["train", "configs/tiny_remix_ppo.yaml", *overrides(tiny_dir, run, 2), "trainer.wandb_project=tiny",
+    out = run_cli(["train", "configs/tiny_remix_ppo.yaml", *overrides(tiny_dir, run, 2), "trainer.loggers=[wandb]",
                    "trainer.save_interval=-1", "data.eval_benchmarks=math500,aime24", "data.eval_benchmark_size=6",
                    f"data.benchmark_dir={data}", "data.overlong=truncate", "data.eval_samples=2",
                    "trainer.global_batch_size=16", "actor_optimizer.lr_decay=linear",

@@ -59,12 +59,17 @@ def test_bad_points_fail_before_anything_runs(tmp_path, capsys):
 
 
 def test_local_dry_run_prints_torchrun_commands(tmp_path, capsys):
-    assert main(["sweep", str(sweep_file(tmp_path, nproc_per_node=2)), "trainer.num_steps=2", "--dry-run"]) == 0
+    from remix_megatron.data.tiny import build_tiny_model
+
+    tiny = build_tiny_model()
+    files = [f"model.hf_path={tiny}", f"data.train_path={tiny}/train.jsonl"]
+    assert main(["sweep", str(sweep_file(tmp_path, nproc_per_node=2)), "trainer.num_steps=2", *files, "--dry-run"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     assert len(lines) == 4
-    assert lines[0] == (f"[off_policy_portion-0.2_utd-1] bash {LAUNCH_DIR}/torchrun.sh train "
-                        "configs/tiny_remix_ppo.yaml "
-                        f"algorithm.off_policy_portion=0.2 algorithm.utd=1 trainer.num_steps=2 "
+    assert lines[0] == (f"[off_policy_portion-0.2_utd-1] NPROC_PER_NODE=2 bash {LAUNCH_DIR}/torchrun.sh train "
+                        "configs/tiny_remix_ppo.yaml trainer.wandb_group=s "
+                        "trainer.wandb_name=off_policy_portion-0.2_utd-1 "
+                        f"algorithm.off_policy_portion=0.2 algorithm.utd=1 trainer.num_steps=2 {' '.join(files)} "
                         f"trainer.run_dir={tmp_path}/out/off_policy_portion-0.2_utd-1")
     assert not (tmp_path / "out").exists()
 
@@ -83,7 +88,8 @@ def test_slurm_submits_one_job_per_point(tmp_path, monkeypatch, capsys):
     submitted = (tmp_path / "sbatch.log").read_text().splitlines()
     out = tmp_path / "out"
     assert submitted == [f"--job-name=s-off_policy_portion-{p} --nodes=2 --gpus-per-node=8 {LAUNCH_DIR}/slurm.sbatch "
-                         f"configs/scale_32b_remix_ppo.yaml algorithm.off_policy_portion={p} "
+                         f"configs/scale_32b_remix_ppo.yaml trainer.wandb_group=s "
+                         f"trainer.wandb_name=off_policy_portion-{p} algorithm.off_policy_portion={p} "
                          f"trainer.run_dir={out}/off_policy_portion-{p}" for p in (0.2, 0.4)]
     manifest = json.loads((out / "sweep.json").read_text())
     assert [p["status"] for p in manifest["points"]] == ["Submitted batch job 4001", "Submitted batch job 4002"]
