@@ -31,8 +31,9 @@ import torch
 import torch.distributed as dist
 
 from remix_megatron.algorithms import ADVANTAGE_ESTIMATORS, ActorLossInputs, AdvantageInputs
-from remix_megatron.algorithms import kl_lambda, learning_rate, phase
+from remix_megatron.algorithms import evaluation_due, kl_lambda, learning_rate, phase
 from remix_megatron.algorithms.advantages import grpo_advantages
+from remix_megatron.algorithms.drift import fresh_drift, malformed, replay_drift
 from remix_megatron.algorithms.megatron_adapter import (
     CriticTargets, MicroBatch, actor_loss_builder, critic_loss_builder, forward_logprobs, forward_values,
     reduce_metrics, run_pipeline, split_micro_batches,
@@ -336,9 +337,21 @@ def _group_outcomes(records: list[Trajectory], real: int) -> tuple[torch.Tensor,
     return scores, group_ids
 
 
+def _drift_metrics(pik: torch.Tensor, prev: torch.Tensor, packed: dict, ages: torch.Tensor, cfg: ExperimentConfig,
+                   state: ParallelState) -> dict[str, float]:
+    """drift/* of the batch before its updates (see algorithms.drift), over every DP rank. On fresh rows
+    prev is pi_{k-1} and pi_k is their behaviour log-prob; on replayed rows pi_k was computed."""
+    alg = cfg.algorithm
+    drift = {**fresh_drift(pik, prev, packed["mask"], ages),
+             **replay_drift(pik, packed["behaviour"], packed["mask"], ages, max_age=alg.replay_window,
+                            eps_low=alg.clip_eps_low, eps_high=alg.clip_eps_high)}
+    return reduce_metrics([{"metrics": drift}], state)
+
+
 def _training_batches(k: int, batch, cfg: ExperimentConfig, state: ParallelState, models: Models):
-    """pi_k / ref / prev log-probs, values and advantages for this rank's mixed batch, and the
-    number of minibatch steps per UTD pass (rows are shuffled once, so minibatches mix ages)."""
+    """pi_k / ref / prev log-probs, values and advantages for this rank's mixed batch, the
+    number of minibatch steps per UTD pass (rows are shuffled once, so minibatches mix ages)
+    and the batch's drift metrics."""
     steps = _minibatch_steps(len(batch.trajectories), cfg, state)
     order = np.random.default_rng([cfg.trainer.seed, k, state.dp_rank]).permutation(len(batch.trajectories))
     micro = cfg.trainer.micro_batch_size
@@ -347,6 +360,7 @@ def _training_batches(k: int, batch, cfg: ExperimentConfig, state: ParallelState
     packed = _pack(records, cfg.trainer.seq_length, pad_id=0, multiple=_pack_multiple(state))
     packed["mask"][real:] = 0.0
     pik, ref, prev, values = _batch_forwards(records, ages, packed, models, cfg, state)
+    drift = _drift_metrics(pik, prev, packed, ages, cfg, state)
     _copy_weights(models.actor.unwrapped(), models.prev)  # prev now holds pi_k, for iteration k+1
     alg = cfg.algorithm
     if alg.advantage_estimator == "grpo" and alg.grpo_replay_advantage == "stored":
@@ -373,7 +387,7 @@ def _training_batches(k: int, batch, cfg: ExperimentConfig, state: ParallelState
         # clipped, gradient-free side while V-trace's targets come from the current critic.
         targets = CriticTargets(loss_mask=packed["mask"], old_values=values.float(), returns=returns.float())
         critic_batches = _micro_batches(packed, cfg.trainer.micro_batch_size, critic=targets)
-    return actor_batches, critic_batches, steps
+    return actor_batches, critic_batches, steps, drift
 
 
 class NonFiniteLossError(RuntimeError):
@@ -457,12 +471,13 @@ def _rollout_stats(result: RolloutResult, state: ParallelState) -> dict[str, flo
     records = result.records
     local = torch.tensor([len(records), sum(r.reward for r in records), sum(r.response_length for r in records),
                           sum(self_reflection(t) for t in result.texts),
-                          sum(r.finish_reason == "length" for r in records)], dtype=torch.float64)
+                          sum(r.finish_reason == "length" for r in records), sum(map(malformed, result.texts))],
+                         dtype=torch.float64)
     dist.all_reduce(local, group=state.dp_group)
     count = local[0].clamp(min=1)
     return {"rollouts": int(local[0].item()), "reward_mean": (local[1] / count).item(),
             "response_length": (local[2] / count).item(), "self_reflection_rate": (local[3] / count).item(),
-            "truncated_rate": (local[4] / count).item()}
+            "truncated_rate": (local[4] / count).item(), "drift/malformed_rate": (local[5] / count).item()}
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -579,7 +594,7 @@ def train(cfg: ExperimentConfig) -> list[dict]:
                                                      seed=cfg.trainer.seed)
     log = RunLog(run_dir, active=state.rank == 0, trainer=cfg.trainer, config=config_to_dict(cfg),
                  first_iteration=first)
-    if evaluations and first == 1 and cfg.data.eval_interval:
+    if evaluations and first == 1 and (cfg.data.eval_interval or cfg.data.eval_every_rollouts):
         history.append({"iteration": 0, "rollouts_total": 0,
                         **_evaluate(0, evaluations, engine, tokenizer, grader, cfg, state, models)})
         log.write(history[-1])
@@ -591,8 +606,9 @@ def train(cfg: ExperimentConfig) -> list[dict]:
             record = _iteration(k, cfg, state, models, engine, tokenizer, grader, train_source, store, sampler,
                                 counters)
             stopped = stop.agreed()
-            if (evaluations and cfg.data.eval_interval and not stopped
-                    and (k % cfg.data.eval_interval == 0 or k == cfg.trainer.num_steps)):
+            if evaluations and not stopped and evaluation_due(
+                    k, cfg.trainer.num_steps, record["rollouts_total"] - record["rollouts"], record["rollouts_total"],
+                    every_steps=cfg.data.eval_interval, every_rollouts=cfg.data.eval_every_rollouts):
                 record.update(_evaluate(k, evaluations, engine, tokenizer, grader, cfg, state, models))
             _report(k, record, cfg, state, history, log)  # before the checkpoint: a resume finds every record
             fault_point("metrics_written", k)
@@ -682,7 +698,7 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
     lap("store")
     batch = sampler.sample(store, k, current.off_policy_portion, dp_rank=state.dp_rank, dp_size=state.data_parallel)
     weight = kl_lambda(k, cfg.algorithm)
-    actor_batches, critic_batches, steps = _training_batches(k, batch, cfg, state, models)
+    actor_batches, critic_batches, steps, drift = _training_batches(k, batch, cfg, state, models)
     lap("logprobs")
     builder = actor_loss_builder(cfg.algorithm, state, kl_lambda=weight)
     limit = cfg.trainer.max_skipped_steps
@@ -709,7 +725,7 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
               "off_policy_portion": current.off_policy_portion, "utd": current.utd, "kl_lambda": weight, "actor/lr": models.actor.optimizer.param_groups[0]["lr"],
               "replayed_groups": batch.plan.num_replayed, "fresh_groups": batch.plan.num_fresh, **stats,
               **{f"actor/{key}": value for key, value in actor_metrics.items()},
-              **{f"critic/{key}": value for key, value in critic_metrics.items()}, **times}
+              **{f"critic/{key}": value for key, value in critic_metrics.items()}, **drift, **times}
     if result.logprob_gap is not None:
         record["engine_logprob_gap"] = result.logprob_gap
     record["time/iteration_s"] = sum(times.values())

@@ -7,11 +7,14 @@ from remix_megatron.algorithms.advantages import ADVANTAGE_ESTIMATORS, Advantage
 from remix_megatron.algorithms.kl import KL_ESTIMATORS, kl_convex
 from remix_megatron.algorithms.losses import ActorLossInputs, LossResult, actor_loss, critic_loss
 from remix_megatron.algorithms.policy_loss import POLICY_LOSSES
-from remix_megatron.algorithms.schedules import Phase, fresh_prompts, kl_lambda, learning_rate, phase, rollout_cost
+from remix_megatron.algorithms.schedules import (
+    Phase, evaluation_due, fresh_prompts, kl_lambda, learning_rate, phase, rollout_cost,
+)
 
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS", "AdvantageInputs", "AdvantageOutput", "KL_ESTIMATORS", "kl_convex",
-    "ActorLossInputs", "LossResult", "actor_loss", "critic_loss", "POLICY_LOSSES", "Phase", "fresh_prompts",
+    "ActorLossInputs", "LossResult", "actor_loss", "critic_loss", "POLICY_LOSSES", "Phase", "evaluation_due",
+    "fresh_prompts",
     "kl_lambda", "learning_rate", "phase", "rollout_cost",
 ]

@@ -60,6 +60,17 @@ def learning_rate(step: int, num_steps: int, lr: float, decay: str, min_lr_ratio
     return lr * (1.0 - (1.0 - min_lr_ratio) * progress)
 
 
+def evaluation_due(step: int, num_steps: int, rollouts_before: int, rollouts_after: int, *, every_steps: int,
+                   every_rollouts: int) -> bool:
+    """Evaluate after iteration ``step``? At the last one, and either at the first iteration whose
+    rollouts generated reach each multiple of ``every_rollouts`` (when > 0) or every ``every_steps``
+    iterations; never when both are 0."""
+    _check_step(step)
+    if every_rollouts:
+        return step == num_steps or rollouts_after // every_rollouts > rollouts_before // every_rollouts
+    return bool(every_steps) and (step % every_steps == 0 or step == num_steps)
+
+
 def fresh_prompts(prompts_per_step: int, off_policy_portion: float, multiple_of: int) -> int:
     """Fresh prompts of a ``prompts_per_step`` batch; the rest is replayed."""
     if off_policy_portion == 0:

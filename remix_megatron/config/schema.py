@@ -384,6 +384,10 @@ class DataConfig:
     reward: str = doc("registered reward (see remix_megatron.rewards): math", "math")
     eval_interval: int = doc("evaluate every this many iterations (and before the first, and after the last); "
                              "0 = never", 10)
+    eval_every_rollouts: int = doc("evaluate at the first iteration whose rollouts generated reach each multiple of "
+                                   "this (and before the first and after the last), instead of every "
+                                   "data.eval_interval iterations: evaluations at matched rollout counts whatever "
+                                   "the algorithm; 0 = by data.eval_interval", 0)
     eval_size: int = doc("held-out prompts evaluated; 0 = all", 0)
     eval_benchmarks: str = doc("benchmarks also scored at each evaluation, comma-separated: aime24, amc23, math500, "
                                "minerva, olympiadbench (from data.benchmark_dir) or name=PATH; '' = none", "")
@@ -396,6 +400,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require_choice("data.overlong", self.overlong, OVERLONG_POLICIES)
         _require("{problem}" in self.template, f"data.template={self.template!r} must contain {{problem}}")
+        _require(self.eval_every_rollouts >= 0, f"data.eval_every_rollouts={self.eval_every_rollouts} must be >= 0")
         _require(self.eval_interval >= 0 and self.eval_size >= 0,
                  f"data.eval_interval={self.eval_interval} and data.eval_size={self.eval_size} must be >= 0")
         _require(self.eval_benchmark_size >= 0 and self.eval_samples >= 0,

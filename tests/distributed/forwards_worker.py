@@ -98,7 +98,7 @@ def main(tiny: str, out: str, *overrides: str) -> None:
     # (on replayed rows not the stale value stored when they were generated).
     from types import SimpleNamespace
 
-    _, critic_batches, _ = trainer._training_batches(
+    _, critic_batches, _, _ = trainer._training_batches(
         2, SimpleNamespace(trajectories=pool, ages=np.array([1] * 10 + [0] * 10 + [2] * 10)), cfg, state, models)
     current = trainer.forward_values(models.critic.chunks, critic_batches, state)
     centre = torch.cat([b.critic.old_values for b in critic_batches])

@@ -122,8 +122,10 @@ def test_layout_errors_exit_2(capsys):
     assert main(["dryrun", "--world-size", "12", str(REPO / "configs" / "scale_32b_remix_ppo.yaml")]) == 2
     assert "not divisible by tensor_parallel*pipeline_parallel=16" in capsys.readouterr().err
     cfg = load_config(REPO / "configs" / "tiny_remix_ppo.yaml", ["rollout.prompts_per_step=16",
-                                                                  "trainer.micro_batch_size=1"])
+                                                                  "trainer.micro_batch_size=1",
+                                                                  "algorithm.fresh_multiple_of=8"])
     with pytest.raises(ConfigError, match="8 fresh prompts per step cannot give each of the 16"):
         plan_layout(cfg, 16)  # floor(0.6 * 16 / 8) * 8 = 8 fresh prompts for 16 DP ranks
     with pytest.raises(ConfigError, match="leaves no fresh prompt"):
-        plan_layout(load_config(REPO / "configs" / "tiny_remix_ppo.yaml", ["rollout.prompts_per_step=8"]), 1)
+        plan_layout(load_config(REPO / "configs" / "tiny_remix_ppo.yaml", ["rollout.prompts_per_step=8",
+                                                                           "algorithm.fresh_multiple_of=8"]), 1)

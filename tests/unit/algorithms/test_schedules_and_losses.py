@@ -147,3 +147,18 @@ def test_learning_rate_schedules():
     assert learning_rate(1, 1, 3.0, "linear") == 3.0
     with pytest.raises(ValueError):
         learning_rate(1, 5, 1.0, "cosine")
+
+
+def test_evaluation_due_at_matched_rollout_counts():
+    from remix_megatron.algorithms import evaluation_due
+
+    def due(per_step, num_steps, **every):
+        return [k for k in range(1, num_steps + 1)
+                if evaluation_due(k, num_steps, (k - 1) * per_step, k * per_step, **every)]
+
+    # every 480 rollouts: 48 per step -> steps 10, 20; 80 per step -> 6, 12; 100 per step -> 5 (crossing 480), 10
+    assert due(48, 20, every_steps=7, every_rollouts=480) == [10, 20]
+    assert due(80, 13, every_steps=0, every_rollouts=480) == [6, 12, 13]  # and after the last
+    assert due(100, 10, every_steps=0, every_rollouts=480) == [5, 10]
+    assert due(48, 20, every_steps=7, every_rollouts=0) == [7, 14, 20]  # by iterations
+    assert due(48, 20, every_steps=0, every_rollouts=0) == []
