@@ -40,7 +40,7 @@ from remix_megatron.algorithms.megatron_adapter import (
 from remix_megatron.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
 from remix_megatron.config import ConfigError, ExperimentConfig, config_to_dict
 from remix_megatron.convert.export import export_hf, load_hf_into
-from remix_megatron.data import PromptSource, load_records
+from remix_megatron.data import PromptSource, load_records, load_tokenizer
 from remix_megatron.evaluation import Benchmark, resolve_benchmarks, self_reflection
 from remix_megatron.evaluation.runner import EvalSettings, evaluate_benchmarks, write_outputs
 from remix_megatron.metrics_log import RunLog
@@ -538,8 +538,6 @@ class StopRequest:
 
 def train(cfg: ExperimentConfig) -> list[dict]:
     """Run ReMix (or PPO / GRPO, by config) up to ``trainer.num_steps`` iterations; returns the metrics."""
-    from transformers import AutoTokenizer
-
     check_algorithm_names(cfg.algorithm.policy_loss, cfg.algorithm.advantage_estimator)
     sampling = (cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
     if sampling != (1.0, 1.0, -1):
@@ -553,7 +551,7 @@ def train(cfg: ExperimentConfig) -> list[dict]:
                           "tokenizer)")
     grader = REWARDS.get(cfg.data.reward)()
     state = init_parallel(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+    tokenizer = load_tokenizer(cfg.model.hf_path)
     train_source = _train_source(cfg, tokenizer)
     try:
         evaluations = _eval_benchmarks(cfg)
