@@ -42,7 +42,7 @@ from remix_megatron.checkpoint import load_checkpoint, save_checkpoint
 from remix_megatron.config import ConfigError, ExperimentConfig, config_to_dict, save_config
 from remix_megatron.console import iteration_line, say
 from remix_megatron.convert.export import export_hf, load_hf_into
-from remix_megatron.data import PromptSource, load_records
+from remix_megatron.data import PromptSource, load_records, load_tokenizer
 from remix_megatron.evaluation import Benchmark, config_benchmarks, self_reflection
 from remix_megatron.evaluation.runner import EvalSettings, evaluate_benchmarks, write_outputs
 from remix_megatron.faults import fault_point
@@ -550,8 +550,6 @@ class StopRequest:
 
 def train(cfg: ExperimentConfig) -> list[dict]:
     """Run ReMix (or PPO / GRPO, by config) up to ``trainer.num_steps`` iterations; returns the metrics."""
-    from transformers import AutoTokenizer
-
     checked = validate(cfg, world_size_from_env())  # every weight-free check, before anything heavy
     grader = REWARDS.get(cfg.data.reward)()
     state = init_parallel(cfg)
@@ -563,7 +561,7 @@ def train(cfg: ExperimentConfig) -> list[dict]:
         return _finished(cfg, state, resume_from)
     if state.rank == 0:
         save_config(cfg, Path(cfg.trainer.run_dir) / "config.yaml")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+    tokenizer = load_tokenizer(cfg.model.hf_path)
     train_source = _train_source(cfg, tokenizer)
     evaluations = config_benchmarks(cfg.data)
     say("start", f"building models: actor{', critic' if cfg.algorithm.advantage_estimator in CRITIC_ESTIMATORS else ''}"

@@ -52,6 +52,24 @@ _preset("r1-distill-llama-70b", family="llama", num_layers=80, hidden_size=8192,
         rotary_base=500000.0, norm_epsilon=1e-5, add_qkv_bias=False, tie_word_embeddings=False)
 
 
+def _rope_theta(hf: Mapping) -> float:
+    """RoPE base: transformers 5 writes it into ``rope_parameters``, 4.x as top-level ``rope_theta``
+    (transformers' own default, 10000, when neither is there)."""
+    parameters = hf.get("rope_parameters") or {}
+    return float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _rope_scaling(hf: Mapping) -> str:
+    """The config's RoPE scaling as ``key=value`` ('' when unscaled): 4.x's ``rope_scaling``, or a
+    transformers 5 ``rope_parameters`` whose ``rope_type`` is not "default"."""
+    if hf.get("rope_scaling"):
+        return f"rope_scaling={hf['rope_scaling']}"
+    parameters = hf.get("rope_parameters") or {}
+    if parameters.get("rope_type", "default") != "default":
+        return f"rope_parameters={parameters}"
+    return ""
+
+
 def model_values_from_hf_config(hf: Mapping, *, source: str = "config.json") -> dict:
     """``ModelConfig`` values from an HF ``config.json`` (Qwen2 / Llama), refusing what we cannot run."""
     model_type = hf.get("model_type")
@@ -59,8 +77,9 @@ def model_values_from_hf_config(hf: Mapping, *, source: str = "config.json") -> 
     if family is None:
         raise ConfigError(f"{source}: model_type {model_type!r} is not supported (supported: qwen2, llama)")
     problems = []
-    if hf.get("rope_scaling"):
-        problems.append(f"rope_scaling={hf['rope_scaling']} (scaled RoPE is not implemented)")
+    scaling = _rope_scaling(hf)
+    if scaling:
+        problems.append(f"{scaling} (scaled RoPE is not implemented)")
     if hf.get("use_sliding_window"):
         problems.append("use_sliding_window=true")
     if hf.get("mlp_bias"):
@@ -76,7 +95,7 @@ def model_values_from_hf_config(hf: Mapping, *, source: str = "config.json") -> 
         family=family, num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
         ffn_hidden_size=hf["intermediate_size"], num_attention_heads=hf["num_attention_heads"],
         num_query_groups=hf.get("num_key_value_heads") or hf["num_attention_heads"], vocab_size=hf["vocab_size"],
-        max_position_embeddings=hf["max_position_embeddings"], rotary_base=float(hf.get("rope_theta", 10000.0)),
+        max_position_embeddings=hf["max_position_embeddings"], rotary_base=_rope_theta(hf),
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         add_qkv_bias=True if family == "qwen2" else bool(hf.get("attention_bias", False)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))

@@ -135,7 +135,11 @@ def hf_config_from_model(model: ModelConfig, *, critic: bool, dtype: torch.dtype
         vocab_size=model.vocab_size, max_position_embeddings=model.max_position_embeddings,
         rope_theta=model.rotary_base, rms_norm_eps=model.norm_epsilon, hidden_act="silu",
         tie_word_embeddings=model.tie_word_embeddings and not critic,
-        torch_dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(dtype, "float32"))
+        torch_dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(dtype, "float32"),
+        # transformers 5 reads the RoPE base from rope_parameters (an inherited one wins over a
+        # top-level rope_theta), 4.x from rope_theta: both are written, and agree
+        rope_parameters={"rope_type": "default", "rope_theta": model.rotary_base})
+    config.pop("rope_scaling", None)  # unscaled (a scaled source is refused when it is read)
     if model.family == "llama":
         config.update(attention_bias=model.add_qkv_bias, mlp_bias=False)
     if critic:

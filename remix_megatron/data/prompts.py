@@ -96,12 +96,38 @@ def check_template(template: str) -> None:
                          f"({doubled})")
 
 
+# What a tokenizer_config.json says when tokenizer.json alone is the tokenizer (4.x | 5.x names).
+GENERIC_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def load_tokenizer(path: str):
+    """The tokenizer of an HF directory (or hub name), of the class its tokenizer_config.json declares.
+
+    transformers 5's AutoTokenizer replaces a declared generic class by the model type's own for
+    some model types (qwen2 -> Qwen2Tokenizer, whose pre-tokenizer splits the tiny model's
+    ``<think>`` into characters), so a generic declared class is loaded as itself.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config = Path(path) / "tokenizer_config.json"
+    declared = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    if declared in GENERIC_TOKENIZER_CLASSES:
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def chat_token_ids(tokenizer, content: str) -> list[int]:
+    """Token ids of one user turn plus the generation prompt in the tokenizer's chat template
+    (a plain list: transformers 5 returns a BatchEncoding unless told otherwise)."""
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=True,
+                                              add_generation_prompt=True, return_dict=False))
+
+
 def render(problem: str, template: str, tokenizer) -> list[int]:
     """Token ids of ``template`` applied to ``problem`` in the tokenizer's chat format."""
     content = template.format(problem=problem)
     if getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=True,
-                                                  add_generation_prompt=True))
+        return chat_token_ids(tokenizer, content)
     return list(tokenizer(content)["input_ids"])
 
 

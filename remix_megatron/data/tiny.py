@@ -29,6 +29,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from remix_megatron.data.prompts import chat_token_ids
+
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("<|pad|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -110,8 +112,7 @@ def _model_config(settings: TinySettings, vocab_size: int):
 
 
 def _encode(tokenizer, rows: list[dict], with_answers: bool):
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": TEMPLATE.format(problem=r["problem"])}],
-                                             tokenize=True, add_generation_prompt=True) for r in rows]
+    prompts = [chat_token_ids(tokenizer, TEMPLATE.format(problem=r["problem"])) for r in rows]
     if not with_answers:
         return prompts
     answers = [tokenizer(solution(*map(int, r["problem"][:-1].split("+"))))["input_ids"] + [tokenizer.eos_token_id]

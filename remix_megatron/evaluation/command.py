@@ -79,8 +79,8 @@ def _settings(args: argparse.Namespace, cfg: ExperimentConfig) -> "EvalSettings"
 def run(args: argparse.Namespace) -> "EvalResult":
     """Evaluate and write the outputs (rank 0); returns the result on every rank."""
     import torch.distributed as dist
-    from transformers import AutoTokenizer
 
+    from remix_megatron.data import load_tokenizer
     from remix_megatron.evaluation.runner import evaluate_benchmarks, write_outputs
     from remix_megatron.parallel import destroy_parallel, init_parallel
     from remix_megatron.rewards import REWARDS
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> "EvalResult":
     settings = _settings(args, cfg)
     state = init_parallel(cfg)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path)
+        tokenizer = load_tokenizer(cfg.model.hf_path)
         engine = get_engine_factory(cfg.rollout.engine)(cfg.rollout, cfg.model, state, cfg.model.hf_path,
                                                          seed=args.seed)
         what = args.model

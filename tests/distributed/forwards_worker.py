@@ -57,9 +57,9 @@ def main(tiny: str, out: str, *overrides: str) -> None:
                                                       "trainer.micro_batch_size=4", *overrides])
     state = init_parallel(cfg)
     models = trainer._build_models(cfg, state)
-    from transformers import AutoTokenizer
+    from remix_megatron.data import load_tokenizer
 
-    source = PromptSource(load_records(cfg.data.train_path)[:30], AutoTokenizer.from_pretrained(tiny),
+    source = PromptSource(load_records(cfg.data.train_path)[:30], load_tokenizer(tiny),
                           template=cfg.data.template, max_prompt_tokens=cfg.rollout.max_prompt_tokens)
     prompts = source.prompts
     age1 = with_forwards(records_for(prompts[:10], 1, seed=1), models, cfg, state)  # pi_1, critic_1

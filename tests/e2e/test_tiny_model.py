@@ -39,9 +39,9 @@ def test_accuracy_band_through_engine_and_grader(tiny_dir):
     build = json.loads((tiny_dir / "BUILD.json").read_text())
     assert 0.10 <= build["heldout_accuracy"] <= 0.60, build
     assert 500_000 < build["parameters"] < 1_500_000
-    from transformers import AutoTokenizer
+    from remix_megatron.data import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    tokenizer = load_tokenizer(tiny_dir)
     evaluated = load_records(str(tiny_dir / "heldout.jsonl"))[: build["settings"]["eval_size"]]  # what SFT measured
     source = PromptSource(evaluated, tokenizer, template=TEMPLATE, max_prompt_tokens=32)
     engine = HFEngine(str(tiny_dir))

@@ -117,7 +117,7 @@ def test_controls_no_update_and_shuffled_rewards(tiny_dir, tmp_path):
     """The benchmark's controls: no_update leaves the policy (and its accuracy) exactly as it was;
     shuffled_rewards stores a permutation of the true rewards, detached from the responses."""
     from safetensors.torch import load_file
-    from transformers import AutoTokenizer
+    from remix_megatron.data import load_tokenizer
 
     from remix_megatron.rewards import MathGrader
     from remix_megatron.store import open_store
@@ -137,7 +137,7 @@ def test_controls_no_update_and_shuffled_rewards(tiny_dir, tmp_path):
     run_cli(["train", "configs/tiny_remix_ppo.yaml", *overrides(tiny_dir, shuffled, 1), "trainer.save_interval=-1",
              "data.eval_interval=0", "trainer.control=shuffled_rewards"])
     records = open_store(shuffled / "store").read_iteration(1)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    tokenizer = load_tokenizer(tiny_dir)
     answers = {json.loads(line)["id"]: json.loads(line)["answer"]
                for line in (tiny_dir / "train.jsonl").read_text().splitlines()}
     truth, _ = MathGrader()([tokenizer.decode(r.response_tokens, skip_special_tokens=True) for r in records],

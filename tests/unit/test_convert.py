@@ -92,7 +92,44 @@ def test_unsupported_hf_configs_are_refused(tmp_path):
     scaled = make_hf_model("llama", tmp_path / "l", rope_scaling={"rope_type": "llama3", "factor": 8.0,
                                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                                   "original_max_position_embeddings": 64})
-    with pytest.raises(ConfigError, match="rope_scaling=.*not implemented"):
+    with pytest.raises(ConfigError, match="rope_(scaling|parameters)=.*llama3.*scaled RoPE is not implemented"):
         load_config(None, [f"model.hf_path={scaled}"])
     with pytest.raises(ConfigError, match="config.json does not exist"):
         load_config(None, [f"model.hf_path={tmp_path / 'nowhere'}"])
+
+
+@pytest.mark.parametrize("family, theta", [("llama", 123456.0), ("qwen2", 2500.0)])
+def test_rope_theta_is_read_from_either_config_layout(tmp_path, family, theta):
+    """transformers 5 saves the RoPE base inside rope_parameters, 4.x as top-level rope_theta; both
+    layouts, and the file this transformers writes, give the same rotary_base (not the 10000 default)."""
+    from remix_megatron.config.presets import model_values_from_hf_config
+
+    saved = make_hf_model(family, tmp_path / family, rope_theta=theta)
+    assert load_config(None, [f"model.hf_path={saved}"]).model.rotary_base == theta
+    hf = json.loads((saved / "config.json").read_text())
+    hf.pop("rope_theta", None)
+    hf.pop("rope_parameters", None)
+    v4 = model_values_from_hf_config({**hf, "rope_theta": theta, "rope_scaling": None})
+    v5 = model_values_from_hf_config({**hf, "rope_parameters": {"rope_type": "default", "rope_theta": theta}})
+    assert v4["rotary_base"] == v5["rotary_base"] == theta
+    assert model_values_from_hf_config(hf)["rotary_base"] == 10000.0  # transformers' default when neither is set
+    with pytest.raises(ConfigError, match="rope_parameters=.*yarn.*scaled RoPE is not implemented"):
+        model_values_from_hf_config({**hf, "rope_parameters": {"rope_type": "yarn", "rope_theta": theta, "factor": 4}})
+
+
+def test_exported_config_gives_transformers_the_model_rope_theta(tmp_path):
+    """The export starts from the source's config.json: an inherited rope_parameters must carry the
+    model's RoPE base (transformers 5 prefers it over a top-level rope_theta), and 4.x reads rope_theta."""
+    from transformers import AutoConfig
+
+    from remix_megatron.convert.hf import hf_config_from_model
+
+    model = load_config(None, ["model.preset=llama-tiny", "model.rotary_base=77777.0"]).model
+    base = {"model_type": "llama", "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+            "rope_scaling": None, "rope_theta": 500000.0}
+    config = hf_config_from_model(model, critic=False, dtype=torch.float32, base=base)
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 77777.0
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    parameters = getattr(loaded, "rope_parameters", None) or {"rope_theta": loaded.rope_theta}
+    assert parameters["rope_theta"] == 77777.0

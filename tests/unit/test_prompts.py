@@ -19,8 +19,8 @@ class CharTokenizer:
 
     chat_template = "{user}"
 
-    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
-        assert tokenize and add_generation_prompt and messages[0]["role"] == "user"
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt, return_dict):
+        assert tokenize and add_generation_prompt and not return_dict and messages[0]["role"] == "user"
         return [1] + [ord(c) for c in messages[0]["content"]] + [2]
 
     def __call__(self, text):
@@ -152,3 +152,24 @@ def test_templates_other_than_one_problem_field_are_refused(template, message):
 def test_doubled_braces_are_literal():
     source = PromptSource(rows(1), CharTokenizer(), template="{problem} \\boxed{{}}", max_prompt_tokens=100)
     assert "".join(chr(c) for c in source.prompts[0].token_ids[1:-1]) == "x \\boxed{}"
+
+
+def test_tiny_tokenizer_round_trips_beside_a_qwen2_config(tmp_path):
+    """Saved next to a qwen2 config.json (as in the tiny model), the tiny tokenizer loads back as
+    itself: transformers 5's AutoTokenizer would make it a Qwen2Tokenizer that spells <think> out."""
+    from transformers import Qwen2Config
+
+    from remix_megatron.data import load_tokenizer
+    from remix_megatron.data.tiny import WORDS, make_tokenizer
+
+    tokenizer = make_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    Qwen2Config(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2).save_pretrained(tmp_path)
+    loaded = load_tokenizer(str(tmp_path))
+    text = "12+34=<think>64</think> \\boxed{46}"
+    ids = tokenizer(text)["input_ids"]
+    assert loaded(text)["input_ids"] == ids
+    assert all(len(tokenizer(word)["input_ids"]) == 1 for word in WORDS) and len(ids) == 15  # 3 words, 12 chars
+    message = [{"role": "user", "content": "1+2="}]
+    assert render("1+2=", "{problem}", loaded) == render("1+2=", "{problem}", tokenizer) == list(
+        tokenizer.apply_chat_template(message, tokenize=True, add_generation_prompt=True, return_dict=False))
