@@ -1,5 +1,6 @@
 """Rewrites of an answer's LaTeX before math-verify parses it, where its parser reads a correct answer wrongly.
 
+- Degrees: ``°`` -> ``^{\\circ}``, which math-verify reads.
 - Scientific notation: ``6.1e5`` -> ``6.1\\times10^{5}`` (math-verify reads ``6.1*E*5``, E Euler's number).
   Only a digit run directly followed by ``e``/``E`` and a signed integer, with no spaces: ``2e``,
   ``e^{2}`` and ``2e - 1`` keep Euler's e.
@@ -29,7 +30,8 @@ _NUMBER = r"[+-]?(?:\d+(?:,\d{3})*(?:\.\d*)?|\.\d+)"
 _POWER_OF_TEN = r"10\s*\^\s*(?:\{\s*[+-]?\d+\s*\}|[+-]?\d)"
 _NUMERIC = re.compile(rf"(?:{_NUMBER}(?:\s*(?:\\times|\\cdot)\s*{_POWER_OF_TEN})?|{_POWER_OF_TEN})")
 
-_PREFIXED = ("Hz", "eV", "m", "g", "s", "J", "W", "Pa", "V", "N", "A", "K", "L", "pc", "yr", "mol", "T")  # take k, M, ...
+# units that take the prefixes (kHz, cm, \mu s), other unit words, and single letters (units only when asked)
+_PREFIXED = ("Hz", "eV", "m", "g", "s", "J", "W", "Pa", "V", "N", "A", "K", "L", "pc", "yr", "mol", "T")
 _PREFIXES = ("k", "M", "G", "m", "n", "p", "f", "c", "\\mu ", "\\mu", "μ", "u")
 _WORDS = ("erg", "ergs", "cal", "kcal", "atm", "bar", "mbar", "AU", "au", "ly", "Gyr", "Myr", "yrs", "year", "years",
           "day", "days", "hr", "hrs", "hour", "hours", "min", "mins", "minute", "minutes", "sec", "second",
@@ -47,11 +49,17 @@ def _unit_pattern(names) -> re.Pattern:
 
 _BARE_UNITS = _unit_pattern(_MULTI)
 _BARE_OR_SINGLE = _unit_pattern(_MULTI + sorted(_SINGLE))
-_TEXT_UNIT = re.compile(r"\\(?:text|mbox|mathrm|textnormal|textrm|rm)\s*\{(?:[^{}]|\{[^{}]*\})*[A-Za-zÅμ](?:[^{}]|\{[^{}]*\})*\}"
-                        r"(?:\s*\^\s*(?:\{\s*-?\d+\s*\}|-?\d))?\s*$")
-_DEGREE_SCALE = re.compile(r"(\^\s*\{?\s*\\circ\s*\}?|°)\s*(?:\\(?:text|mathrm)\s*\{\s*[CFK]\s*\}|[CFK])\s*$")
+_BRACED = r"(?:[^{}]|\{[^{}]*\})*"  # text with at most one level of braces inside
+_TEXT_UNIT = re.compile(rf"\\(?:text|mbox|mathrm|textnormal|textrm|rm)\s*\{{(?!\s*[ei]\s*\}})"  # not upright e, i
+                        rf"{_BRACED}[A-Za-zÅμ]{_BRACED}\}}(?:\s*\^\s*(?:\{{\s*-?\d+\s*\}}|-?\d))?\s*$")
+_DEGREE_SCALE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?\s*(?:\\(?:text|mathrm)\s*\{\s*[CFK]\s*\}|[CFK])\s*$")
 _PRIMES = re.compile(r"(?:\^\s*\{?\s*(?:\\prime\s*)+\}?|'+|\")\s*$")
 _SEPARATORS = re.compile(r"(?:\s|\\[,;: !]|~)+$")
+
+
+def rewrite(text: str) -> str:
+    """Scientific notation expanded, thousands separators joined, ``°`` written as ``^{\\circ}`` (math-verify's)."""
+    return join_thousands(expand_scientific(text)).replace("°", "^{\\circ}")
 
 
 def expand_scientific(text: str) -> str:
@@ -101,8 +109,10 @@ def strip_units(text: str, *, single_letters: bool = False) -> str:
 
 def _strip_one(text: str, single_letters: bool) -> str:
     match = _TEXT_UNIT.search(text)
-    if match and _balanced(text[:match.start()]) and _SEPARATORS.sub("", text[:match.start()]):
-        return _SEPARATORS.sub("", text[:match.start()])
+    head = _SEPARATORS.sub("", text[:match.start()]) if match else ""
+    # a unit follows a value: not "=\mathrm{LRAC}", nor a name inside a subscript (v_{\text{max}})
+    if head and head[-1] not in "=+-*/,(^_{" and _balanced(head):
+        return head
     match = _DEGREE_SCALE.search(text)
     if match:
         return text[:match.start()] + "^{\\circ}"

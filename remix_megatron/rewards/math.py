@@ -28,12 +28,13 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
-from remix_megatron.rewards.latex import expand_scientific, is_number, join_thousands, split_digits, strip_units
+from remix_megatron.rewards.latex import is_number, rewrite, split_digits, strip_units
 
 _BOX_OPENERS = ("\\boxed{", "\\fbox{")
 _BOX_SEPARATOR = re.compile(r"\b(?:and|or)\b|,|;")  # math-verify's VALID_SEPARATOR_PATTERN
 _SPACES = re.compile(r"(?<=\d)(\s+)(?=\d)|\s+")  # group 1: between digits
 _INTEGER = re.compile(r"^[+-]?\d+$")
+_FONT = re.compile(r"\\(?:text|mathrm|textrm|mbox|mathit|textit|mathbf|textbf)\s*\{([^{}]*)\}")
 
 
 def answer_region(response: str) -> str:
@@ -83,13 +84,10 @@ def boxed_answers(text: str) -> list[str]:
     return answers
 
 
-def _rewrite(answer: str) -> str:
-    """What math-verify's parser reads right: scientific notation and thousands separators rewritten."""
-    return join_thousands(expand_scientific(answer))
-
-
 def _normalise(answer: str) -> str:
+    """The string compared for equality: spacing, sizing, dollars and fonts (\\mathrm{SRAC} is SRAC) dropped."""
     answer = answer.replace("\\!", "").replace("\\left", "").replace("\\right", "").replace("$", "")
+    answer = _FONT.sub(r"\1", answer)
     return _SPACES.sub(lambda m: " " if m[1] else "", answer).rstrip(".")  # "3 4" stays apart: it is not 34
 
 
@@ -149,7 +147,7 @@ class MathGrader:
         if reference not in self._references:
             if len(self._references) >= 65536:
                 self._references.clear()
-            text = strip_units(_rewrite(reference))
+            text = strip_units(rewrite(reference))
             self._references[reference] = _Reference(text, _normalise(text), is_number(text))
         return self._references[reference]
 
@@ -158,7 +156,7 @@ class MathGrader:
         from math_verify import verify
 
         gold = self._reference(reference)
-        rewritten = [_rewrite(answer) for answer in answers]
+        rewritten = [rewrite(answer) for answer in answers]
         # ", " not ",": math-verify reads 8,221 as the number 8221 and 8, 221 as a set
         answer = ", ".join(strip_units(text, single_letters=gold.numeric) for text in rewritten)
         normalised = _normalise(answer)

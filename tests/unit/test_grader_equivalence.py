@@ -37,6 +37,12 @@ MULTI_BOX = [
     ("<think>\\boxed{2}, \\boxed{7}</think> The answer is \\boxed{7}.", "7", True),  # only after </think>
     ("\\boxed{5}\n\n**Final Answer**\n\\boxed{5}", "5", True),  # the answer restated
     ("\\boxed{1, 2}, \\boxed{3}", "1,2,3", True),
+    ("\\boxed{8}, \\boxed{221}", "8, 221", True),  # a set of two, though math-verify reads 8,221 as 8221
+    ("\\boxed{8}, \\boxed{221}", "8221", False),
+    ("\\boxed{8,221}", "8221", True),
+    ("\\boxed{x=3}, \\boxed{y=1}", "(3,1)", True),  # an ordered pair, in order
+    ("\\boxed{3}, \\boxed{1}", "(3,1)", True),
+    ("\\boxed{1}, \\boxed{3}", "(3,1)", False),
 ]
 SCIENTIFIC = [
     ("\\boxed{6.1e5}", "610000", True),
@@ -54,6 +60,7 @@ SCIENTIFIC = [
     ("\\boxed{3.89 \\times 10^{-10}}", "3.89e-10", True),
     ("\\boxed{1.70 \\times 10^{4}}", "1.70e4", True),
     ("\\boxed{6 \\times 10^{13}}", "6e13", True),
+    ("\\boxed{2e-1}", "0.2", True),
     ("\\boxed{2e}", "2e", True),  # Euler's e stays e
     ("\\boxed{2e}", "5.43656", False),  # 2e is about 5.43656, not a rounding math-verify accepts
     ("\\boxed{e^{2}}", "e^2", True),
@@ -153,6 +160,7 @@ ORDINARY = [
     ("\\boxed{\\text{(C)}}", "\\text{(C)}", True),
     ("\\boxed{\\text{(D)}}", "\\text{(C)}", False),
     ("\\boxed{\\text{Devon}}", "\\text{Devon}", True),
+    ("\\boxed{\\mathrm{SRAC}=\\mathrm{LRAC}}", "SRAC=LRAC", True),
     ("\\boxed{50\\%}", "50\\%", True),
     ("\\boxed{1.5}", "\\frac{3}{2}", True),
     ("\\boxed{1.50}", "1.5", True),
@@ -175,17 +183,89 @@ ORDINARY = [
     ("\\boxed{5", "5", False),  # cut off inside the box
     ("\\boxed{}", "5", False),
 ]
-CASES = MULTI_BOX + SCIENTIFIC + TRAILING + UNITS + WHITESPACE + ORDINARY
+# Written before the grader was run on them (first run: 54 of 55 agreed; the miss, 41.8°, led to the rewrite of °)
+BLIND = [
+    ("\\boxed{8.7 \\times 10^8}", "8.7 \\times 10^{8}", True),
+    ("\\boxed{8.7e8}", "8.7 \\times 10^{8}", True),
+    ("\\boxed{8.7 \\times 10^{8} \\text{ cm}}", "8.7 \\times 10^{8}", True),
+    ("\\boxed{7.8 \\times 10^{8}}", "8.7 \\times 10^{8}", False),
+    ("\\boxed{0.022\\,\\mathrm{s}}", "0.022", True),
+    ("\\boxed{4.5 \\times 10^{33} \\text{ erg/s}}", "4.5e33", True),
+    ("\\boxed{3.3 \\times 10^{12}\\ \\mathrm{cm}}", "3.3e12", True),
+    ("\\boxed{1.7 \\times 10^{4}}", "1.70e4", True),
+    ("\\boxed{1.7 \\times 10^{5}}", "1.70e4", False),
+    ("\\boxed{-1.5}", "-3/2", True),
+    ("\\boxed{x = \\frac{e^{t}}{3} + ce^{-2t}}", "x = \\frac{e^{t}}{3} + ce^{-2t}", True),
+    ("\\boxed{\\frac{e^{t}}{3} + ce^{-2t}}", "x = \\frac{e^{t}}{3} + ce^{-2t}", True),
+    ("\\boxed{1+\\sqrt{3}i}", "1 + i\\sqrt{3}", True),
+    ("\\boxed{1-\\sqrt{3}i}", "1 + i\\sqrt{3}", False),
+    ("\\boxed{41.8°}", "41.8^\\circ", True),
+    ("\\boxed{28.71^\\circ}", "28.71^{\\circ}", True),
+    ("\\boxed{1950\\,^{\\circ}\\text{C}}", "1950^\\circ C", True),
+    ("\\boxed{2,5,9}", "2,5,9", True),
+    ("\\boxed{2}, \\boxed{5}", "2,5,9", False),
+    ("\\boxed{(1,1)}, \\boxed{(3,2)}", "(1,1), (3,2)", True),
+    ("\\boxed{(3,2)}, \\boxed{(1,1)}", "(1,1), (3,2)", True),
+    ("\\boxed{f(x)=x} and \\boxed{f(x)=-x}", "f(x)=x,f(x)=-x", True),
+    ("\\boxed{f(x)=x}", "f(x)=x,f(x)=-x", False),
+    ("\\boxed{E_1, E_2}", "E_1, E_2", True),
+    ("\\boxed{1\\,000\\,000}", "10^6", True),
+    ("\\boxed{2\\,024}", "2024", True),
+    ("\\boxed{20 24}", "2024", False),
+    ("\\boxed{6\\,630.65}", "6630.65", True),
+    ("\\boxed{5.47 \\times 10^{5} \\mathrm{~K}}", "5.47 \\times 10^5", True),
+    ("\\boxed{300\\,\\text{K}}", "300", True),
+    ("\\boxed{3.0 \\times 10^{2} \\mathrm{K}}", "300", True),
+    ("\\boxed{\\frac{1}{4}p^{-2}}", "\\frac{1}{4p^2}", True),
+    ("\\boxed{100\\sqrt{p}}", "100p^{\\frac{1}{2}}", True),
+    ("\\boxed{100 p}", "100p^{\\frac{1}{2}}", False),
+    ("\\boxed{2.5 \\times 10^{-4}\\,\\mathrm{m}}", "2.5e-4", True),
+    ("\\boxed{36 \\text{ dollars}}", "\\$36", True),
+    ("\\boxed{90^\\circ}, \\boxed{60^\\circ}", "90^{\\circ},60^{\\circ}", True),
+    ("\\boxed{\\sqrt{2} \\cos (2 t-\\pi / 4)}", "\\sqrt{2}\\cos(2t-\\pi/4)", True),
+    ("\\boxed{\\cos 2t + \\sin 2t}", "\\sqrt{2} \\cos (2 t-\\pi / 4)", True),
+    ("\\boxed{5 \\times 10^{-3}}", "0.005", True),
+    ("\\boxed{5e-3}", "0.006", False),
+    ("\\boxed{3e-2}", "0.03", True),
+    ("\\boxed{1.3 \\times 10^{-6}\\ \\text{m}^{2}}", "1.3 \\times 10^{-6}", True),
+    ("\\boxed{7.6Z}", "7.6 Z", True),
+    ("\\boxed{\\frac{3}{2}}, \\boxed{\\frac{1}{2}}", "\\frac{32}{9},\\frac{1}{2}", False),
+    ("The answers are \\boxed{11} and \\boxed{13}.", "11,13", True),
+    ("\\boxed{11} and \\boxed{13}", "13", False),
+    ("\\boxed{[2, 5)}", "[2,5)", True),
+    ("\\boxed{m}", "m", True),
+    ("\\boxed{SRAC=LRAC}", "SRAC=LRAC", True),
+    ("\\boxed{0.1}", "0.10", True),
+    ("\\boxed{4\\ 000}", "4000", True),
+    ("\\boxed{4.4 \\times 10^{7} \\, \\text{years}}", "4.4e7", True),
+    ("\\boxed{10^{11}\\text{ cm}}", "1e11", True),
+    ("\\boxed{6 \\times 10^{13} \\mathrm{~cm}}", "6e13", True),
+]
+CASES = MULTI_BOX + SCIENTIFIC + TRAILING + UNITS + WHITESPACE + ORDINARY + BLIND
+
+# Verdicts the grader gets wrong for want of a rule (the README's known blind spots): what it says, not what is right.
+KNOWN_LIMITS = [
+    ("\\boxed{22 \\text{ ms}}", "0.022", False),  # units are dropped, never converted
+    ("\\boxed{5 \\text{ cm}}", "5 \\text{ m}", True),  # so a wrong unit goes unnoticed
+    ("\\boxed{300}", "300 K", False),  # a single letter after a number in a reference stays a variable
+    ("\\boxed{2e-1}", "2e - 1", False),  # 2e-1 is read as 0.2
+    ("\\boxed{y=1}, \\boxed{x=3}", "(3,1)", False),  # against a tuple the boxes count in the order written
+]
 
 
 @pytest.fixture(scope="module")
 def grader():
-    return MathGrader(timeout_s=2.0)
+    return MathGrader(timeout_s=30.0)  # generous: a loaded shared machine must not turn a verdict into a timeout
 
 
 @pytest.mark.parametrize(("response", "reference", "equivalent"), CASES)
 def test_labelled_equivalence(grader, response, reference, equivalent):
     assert grader.grade(response, reference) == float(equivalent)
+
+
+@pytest.mark.parametrize(("response", "reference", "verdict"), KNOWN_LIMITS)
+def test_known_limits(grader, response, reference, verdict):
+    assert grader.grade(response, reference) == float(verdict)
 
 
 def test_boxes_of_the_final_answer():
@@ -231,6 +311,9 @@ def test_rewrites():
     ("2.19 \\times 10^6 \\, \\mathrm{km/s}", False, "2.19 \\times 10^6"),
     ("3 \\times 10^{8} m s^{-1}", False, "3 \\times 10^{8}"),
     ("\\min", True, "\\min"),
+    ("\\mathrm{SRAC}=\\mathrm{LRAC}", False, "\\mathrm{SRAC}=\\mathrm{LRAC}"),  # a name after =, not a unit
+    ("2\\mathrm{e}", False, "2\\mathrm{e}"),  # upright Euler's e
+    ("5\\text{ cm}^2", False, "5"),
 ])
 def test_strip_units(text, single_letters, stripped):
     assert strip_units(text, single_letters=single_letters) == stripped
@@ -240,8 +323,7 @@ def _top_level_parts(answer: str) -> list[str]:
     """``(1,2),(3,4)`` -> ``["(1,2)", "(3,4)"]``: split at commas outside brackets and braces."""
     parts, depth, current = [], 0, ""
     for char in answer:
-        depth += char in "([{" and 1 or 0
-        depth -= char in ")]}" and 1 or 0
+        depth += (char in "([{") - (char in ")]}")
         if char == "," and depth == 0:
             parts.append(current.strip())
             current = ""
