@@ -118,6 +118,7 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, models: Mapping[str
     """
     from megatron.core import dist_checkpointing
     from safetensors.torch import save_file
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     root = Path(root)
     final, staging = root / _dirname(iteration), root / (_dirname(iteration) + ".tmp")
@@ -129,10 +130,13 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, models: Mapping[str
         (staging / "rng").mkdir()
     dist.barrier()
     in_process_checkpoint_writes()
-    dist_checkpointing.save(_sharded_state(models, is_loading=False, with_optimizer=True), str(staging / "dist"))
-    tensors, plain = _rng_state()
-    save_file(tensors, str(staging / "rng" / f"rank_{state.rank:05d}.safetensors"))
-    (staging / "rng" / f"rank_{state.rank:05d}.json").write_text(json.dumps(plain))
+    try:
+        dist_checkpointing.save(_sharded_state(models, is_loading=False, with_optimizer=True), str(staging / "dist"))
+        tensors, plain = _rng_state()
+        save_file(tensors, str(staging / "rng" / f"rank_{state.rank:05d}.safetensors"))
+        (staging / "rng" / f"rank_{state.rank:05d}.json").write_text(json.dumps(plain))
+    except (OSError, RuntimeError, CheckpointException) as error:  # how torch reports a failed write() on every rank
+        raise CheckpointError(_write_failure(root, staging, error)) from error
     dist.barrier()
     if state.rank == 0:
         payload = {"version": CHECKPOINT_VERSION, "iteration": iteration, "layout": _layout(state),
@@ -146,6 +150,19 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, models: Mapping[str
                 shutil.rmtree(old)
     dist.barrier()
     return final
+
+
+def _write_failure(root: Path, staging: Path, error: BaseException) -> str:
+    """What a failed checkpoint write tells the user: the cause, the free space, what is still usable."""
+    cause = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    free = shutil.disk_usage(root).free
+    try:
+        last = latest_iteration(root)
+        previous = "no checkpoint is complete yet" if last is None else f"'latest' still names iteration {last}"
+    except CheckpointError:
+        previous = "'latest' is unreadable"
+    return (f"cannot write the checkpoint {staging} ({cause}); {free / 2**30:.2f} GiB free on its filesystem: a full "
+            f"disk, a quota or a file size limit? {previous}; the partial {staging.name} is removed at the next save")
 
 
 def _publish(staging: Path, final: Path) -> None:

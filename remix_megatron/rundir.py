@@ -154,6 +154,8 @@ def read_metrics(path: Path) -> list[dict]:
     lines = path.read_text().splitlines()
     records = []
     for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:

@@ -38,10 +38,12 @@ from remix_megatron.fileio import atomic_write_text
 from remix_megatron.metrics_log import against_rollouts, curve, describe, pyplot, save_figure
 from remix_megatron.planning import format_memory, plan_memory
 from remix_megatron.validation import training_problems, validate
+from remix_megatron.rundir import read_metrics
 
 LAUNCH_DIR = Path(__file__).resolve().parent.parent / "launch"
 LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
                       "MASTER_PORT", "NODE_RANK", "NNODES", "RDZV_ID")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")  # one directory-name component
 DEFAULT_METRICS = ("eval_accuracy", "reward_mean", "response_length", "actor/ratio_mean", "self_reflection_rate")
 
 
@@ -60,6 +62,8 @@ class SweepSpec:
             raise ConfigError(f"sweep {self.name!r}: grid must map dotted config keys to non-empty lists of values")
         if self.nproc_per_node < 1:
             raise ConfigError(f"sweep {self.name!r}: nproc_per_node={self.nproc_per_node} must be >= 1")
+        if not self.out_dir and not _SAFE_NAME.fullmatch(str(self.name)):  # it becomes runs/sweeps/<name>
+            raise ConfigError(f"sweep name {self.name!r}: use letters, digits and _ . + - only, or set out_dir")
 
     @property
     def root(self) -> Path:
@@ -89,6 +93,11 @@ def load_sweep(path: str | os.PathLike) -> SweepSpec:
     return SweepSpec(**{"name": path.stem, **data})
 
 
+def _dir_name(text: str) -> str:
+    """``text`` as one directory-name component: every run of other characters (/, spaces, ..) becomes "_"."""
+    return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", text).strip("._") or "_"
+
+
 def _scalar(value: Any) -> str:
     """A value as a YAML scalar for a dotted override (0.1, true, text)."""
     return yaml.safe_dump(value, default_flow_style=True).removesuffix("...\n").strip()
@@ -99,7 +108,10 @@ def expand(spec: SweepSpec, extra_overrides: Sequence[str] = ()) -> list[SweepPo
     keys = list(spec.grid)
     points = []
     for values in itertools.product(*(spec.grid[key] for key in keys)):
-        name = "_".join(f"{key.split('.')[-1]}-{_scalar(value)}" for key, value in zip(keys, values))
+        name = _dir_name("_".join(f"{key.split('.')[-1]}-{_scalar(value)}" for key, value in zip(keys, values)))
+        if any(point.name == name for point in points):
+            raise ConfigError(f"sweep {spec.name!r}: two grid points share the run directory {name!r} (values that "
+                              "differ only in characters a directory name cannot hold)")
         run_dir = spec.root / name
         # wandb: the sweep's points are one group, each run named by its grid values (the command line may rename)
         overrides = [f"trainer.wandb_group={spec.name}", f"trainer.wandb_name={name}", *spec.overrides,
@@ -143,15 +155,8 @@ def command(spec: SweepSpec, point: SweepPoint, *, slurm: bool) -> list[str]:
     return ["bash", str(LAUNCH_DIR / "torchrun.sh"), "train", spec.config, *point.overrides]
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def finished(point: SweepPoint) -> bool:
-    history = read_metrics(point.run_dir)
+    history = read_metrics(point.run_dir / "metrics.jsonl")
     return bool(history) and history[-1].get("iteration", 0) >= point.config.trainer.num_steps
 
 
@@ -224,7 +229,7 @@ def summary_rows(spec: SweepSpec, points: Sequence[SweepPoint]) -> list[dict]:
     """One row per point: its grid values, iterations, rollouts and each metric's last logged value."""
     rows = []
     for point in points:
-        history = read_metrics(point.run_dir)
+        history = read_metrics(point.run_dir / "metrics.jsonl")
         row = {"point": point.name, **point.values,
                "iterations": max((r.get("iteration", 0) for r in history), default=0),
                "rollouts_total": max((r.get("rollouts_total", 0) for r in history), default=0)}
@@ -260,7 +265,7 @@ def write_summary(spec: SweepSpec, points: Sequence[SweepPoint]) -> list[Path]:
 def _plot(spec: SweepSpec, points: Sequence[SweepPoint], path: Path) -> list[Path]:
     """One panel per metric against rollouts generated (the paper's cost axis), one line per point."""
     plt = pyplot()
-    histories = {point.name: read_metrics(point.run_dir) for point in points}
+    histories = {point.name: read_metrics(point.run_dir / "metrics.jsonl") for point in points}
     metrics = [m for m in spec.metrics if any(m in r for h in histories.values() for r in h)]
     if not metrics:
         return []
@@ -292,7 +297,7 @@ def run(path: str, overrides: Sequence[str] = (), *, slurm: bool = False, dry_ru
             if slurm and not dry_run:
                 print(f"submitted; when the jobs are done: remix-megatron sweep {path} --aggregate-only", flush=True)
             return 0
-    elif not any(read_metrics(point.run_dir) for point in points):
+    elif not any(read_metrics(point.run_dir / "metrics.jsonl") for point in points):
         raise RuntimeError(f"no point of sweep {spec.name} has metrics in {spec.root} yet: nothing to aggregate "
                            "(run the sweep first, or wait for its Slurm jobs)")
     for written in write_summary(spec, points):

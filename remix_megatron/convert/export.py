@@ -13,8 +13,8 @@ import torch.distributed as dist
 
 from remix_megatron.config import ModelConfig
 from remix_megatron.convert.hf import (
-    TOKENIZER_FILES, HFWeights, MegatronFromHF, SafetensorsShardWriter, check_model_matches_hf, hf_config_from_model,
-    hf_tensors,
+    TOKENIZER_FILES, ConversionError, HFWeights, MegatronFromHF, SafetensorsShardWriter, check_model_matches_hf,
+    hf_config_from_model, hf_tensors,
 )
 from remix_megatron.models.sharding import iter_full_tensors, load_full_state_dict
 from remix_megatron.parallel import ParallelState
@@ -68,12 +68,29 @@ def export_hf(chunks: Sequence[torch.nn.Module], state: ParallelState, model: Mo
         if source_hf_dir is not None and (Path(source_hf_dir) / "config.json").is_file():
             base = json.loads((Path(source_hf_dir) / "config.json").read_text())
             for file in TOKENIZER_FILES:
-                if (Path(source_hf_dir) / file).is_file():
-                    shutil.copy2(Path(source_hf_dir) / file, out / file)
+                source = _confined_file(Path(source_hf_dir), file)
+                if source is not None:
+                    shutil.copyfile(source, out / file)
         config = hf_config_from_model(model, critic=critic, dtype=target_dtype, base=base)
         (out / "config.json").write_text(json.dumps(config, indent=1))
     dist.barrier()
     return out
+
+
+def _confined_file(directory: Path, file: str) -> Path | None:
+    """``directory/file`` resolved, if it is a file inside ``directory`` (or, in an HF hub cache snapshot, its
+    repository's blobs/, where the snapshot's links point); None when absent; a ConversionError when a link
+    leads anywhere else (an export must not copy an arbitrary file of this machine)."""
+    path = directory / file
+    if not path.is_file():
+        return None
+    real, roots = path.resolve(), [directory.resolve()]
+    if directory.resolve().parent.name == "snapshots":
+        roots.append(directory.resolve().parent.parent / "blobs")
+    if not any(real.is_relative_to(root) for root in roots):
+        raise ConversionError(f"{path} links to {real}, outside {directory}: not copied into the export (copy the "
+                              "file into the model directory or fix the link)")
+    return real
 
 
 def megatron_logits(chunks: Sequence[torch.nn.Module], tokens: torch.Tensor, state: ParallelState

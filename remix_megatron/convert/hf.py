@@ -170,6 +170,10 @@ class HFWeights:
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
+            for name, file in weight_map.items():  # bare file names: the index never points outside hf_dir
+                if not isinstance(file, str) or Path(file).name != file or file in (".", ".."):
+                    raise ConversionError(f"{index}: weight_map sends {name!r} to {file!r}, which is not a file name "
+                                          f"in {self.dir} (an edited or hostile index)")
         elif (self.dir / "model.safetensors").is_file():
             with safe_open(self.dir / "model.safetensors", "pt") as handle:
                 weight_map = {name: "model.safetensors" for name in handle.keys()}

@@ -10,6 +10,7 @@ A benchmark spec on the command line or in ``data.eval_benchmarks`` is one of
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -70,6 +71,9 @@ def resolve_benchmarks(specs: str | list[str], data_dir: str | Path, *, samples:
         if not Path(path).exists():
             raise ValueError(f"benchmark {name}: {path} does not exist"
                              + (" (set the benchmark directory, e.g. --data-dir ../shared/data)" if "=" not in spec else ""))
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):  # it names the output directory
+            raise ValueError(f"benchmark name {name!r} in {spec!r}: use letters, digits and _ . + - only (it becomes "
+                             "a directory name), e.g. mybench=PATH")
         if name in seen:
             raise ValueError(f"benchmark {name} given twice")
         seen.add(name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -37,7 +38,16 @@ def train_args(tiny: Path, run: Path, steps: int, *extra: str) -> list[str]:
             f"trainer.run_dir={run}", *extra]
 
 
-def launch(args: list[str], *, fault: str = "", tag: str = "", timeout_s: int = 300) -> subprocess.CompletedProcess:
+def limit_file_size(max_bytes: int):
+    """A preexec_fn: writes past ``max_bytes`` fail (EFBIG), as on a full disk (ENOSPC) but with no mount needed."""
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+    return apply
+
+
+def launch(args: list[str], *, fault: str = "", tag: str = "", timeout_s: int = 900,
+           preexec=None) -> subprocess.CompletedProcess:
     """``launch/multinode.sh`` (torchrun, one process) in its own process group, as a Slurm step starts it."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -46,7 +56,7 @@ def launch(args: list[str], *, fault: str = "", tag: str = "", timeout_s: int = 
            "NPROC_PER_NODE": "1", "MASTER_PORT": str(port), "RDZV_ID": f"faults-{uuid.uuid4().hex[:8]}",
            "REMIX_FAULT": fault, "REMIX_TEST_TAG": tag}
     return subprocess.run(["bash", "launch/multinode.sh", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout_s, start_new_session=True)
+                          timeout=timeout_s, start_new_session=True, preexec_fn=preexec)
 
 
 def iterations(run: Path) -> list[int]:
@@ -94,6 +104,7 @@ def test_kill_9_after_a_save_leaves_no_process(tiny_dir, tmp_path):
     assert tagged_processes(tag) == []
 
 
+@pytest.mark.timeout(1800)  # six tiny runs: ~2.5 min on an idle 2-core machine, far more on a shared one
 def test_kills_at_every_window_resume_to_one_record_per_iteration(tiny_dir, tmp_path):
     """save_interval=2 over 4 iterations, with iteration 0's evaluation and every second one:
     killed after iteration 1's record (no checkpoint yet: the store holds an iteration no
@@ -125,3 +136,15 @@ def test_kills_at_every_window_resume_to_one_record_per_iteration(tiny_dir, tmp_
     refused = launch([*args, "trainer.resume=false"])
     assert refused.returncode != 0 and "config error: trainer.resume=false but" in refused.stderr
     assert "trainer.overwrite=true" in refused.stderr and "StoreError" not in refused.stderr
+
+
+def test_a_failed_checkpoint_write_is_one_clear_error(tiny_dir, tmp_path):
+    """A write that fails while checkpointing (full disk) names the checkpoint, the cause and what is still usable
+    (was: `[enforce fail at inline_container.cc:672] unexpected pos` from deep inside torch)."""
+    run = tmp_path / "run"
+    failed = launch(train_args(tiny_dir, run, 2, "trainer.save_interval=1"), preexec=limit_file_size(2 << 20))
+    assert failed.returncode != 0
+    line = next((line for line in failed.stderr.splitlines() if "CheckpointError: " in line), "")
+    assert f"cannot write the checkpoint {run / 'checkpoints' / 'iter_0000001.tmp'}" in line, failed.stderr[-4000:]
+    assert "GiB free on its filesystem: a full disk" in line and "no checkpoint is complete yet" in line
+    assert not (run / "checkpoints" / "latest").exists()
