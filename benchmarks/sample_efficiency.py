@@ -9,8 +9,9 @@ Runs, as separate `remix-megatron train` processes (TP1, ``--jobs`` at a time on
 - ``remix_ppo_utd1``: ReMix-PPO at UTD 1;
 - two flat controls on the ReMix-PPO config: no update (losses computed, no optimizer step) and
   shuffled rewards (each step's rewards permuted across its rollouts);
-each for every seed and, but the flat controls, every actor lr of ``--lrs`` (the same grid for every
-algorithm; the flat controls run at the config's lr). Every run gets the same rollout budget (the
+each for every seed. PPO, ReMix-PPO, its no-replay control, GRPO and ReMix-GRPO run at every actor lr
+of ``--lrs`` (the same grid for each); the GRPO no-replay control, UTD-1 ReMix-PPO and the flat
+controls run at their ReMix config's lr (the sweep's choice), to fit the 2 cores. Every run gets the same rollout budget (the
 steps come from the paper's cost formula) and is evaluated on all 512 held-out problems at the same
 rollout counts, every ``--eval-every`` rollouts (``data.eval_every_rollouts``), whatever the algorithm.
 
@@ -50,8 +51,10 @@ RUNS = {  # name -> (config, overrides, swept over --lrs); in the order they run
     "control_no_update": ("configs/tiny_remix_ppo.yaml", ["trainer.control=no_update"], False),
     "control_shuffled_rewards": ("configs/tiny_remix_ppo.yaml", ["trainer.control=shuffled_rewards"], False),
     "remix_ppo_utd1": ("configs/tiny_remix_ppo.yaml", ["algorithm.utd=1"], False),
-    # Opt-in: ReMix-PPO with the adaptive lr of algorithm.drift_control.
-    "remix_ppo_drift_control": ("configs/tiny_remix_ppo.yaml", ["algorithm.drift_control=true"], True),
+    # Opt-in: ReMix-PPO with the adaptive lr of algorithm.drift_control, from the grid's top lr (its ceiling)
+    # instead of a sweep.
+    "remix_ppo_drift_control": ("configs/tiny_remix_ppo.yaml", ["algorithm.drift_control=true",
+                                                                "actor_optimizer.lr=2e-4"], False),
 }
 DEFAULT_RUNS = tuple(name for name in RUNS if name != "remix_ppo_drift_control")
 PAIRS = (  # (baseline, compared): compared - baseline
