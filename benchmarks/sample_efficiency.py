@@ -11,7 +11,8 @@ Runs, as separate `remix-megatron train` processes (TP1, ``--jobs`` at a time on
   shuffled rewards (each step's rewards permuted across its rollouts);
 each for every seed. PPO, ReMix-PPO, its no-replay control, GRPO and ReMix-GRPO run at every actor lr
 of ``--lrs`` (the same grid for each); the GRPO no-replay control, UTD-1 ReMix-PPO and the flat
-controls run at their ReMix config's lr (the sweep's choice), to fit the 2 cores. Every run gets the same rollout budget (the
+controls run at their ReMix config's lr (the sweep's choice), to fit the 2 cores. Every run gets the
+same rollout budget (the
 steps come from the paper's cost formula) and is evaluated on all 512 held-out problems at the same
 rollout counts, every ``--eval-every`` rollouts (``data.eval_every_rollouts``), whatever the algorithm.
 
@@ -224,7 +225,8 @@ def markdown(summary: dict, targets: list[float], budget: int) -> str:
                      f"| {f['mean']:+.3f} ± {f['std']:.3f} | " + " | ".join(ratios) + " |")
     lines += ["", "Drift over the first half of the budget (ReMix's Mix phase; means over iterations and seeds, "
               "best lr):", "",
-              "| run | " + " | ".join(k.split("/", 1)[1] for k in DRIFT_KEYS) + " |", "|---|" + "---|" * len(DRIFT_KEYS)]
+              "| run | " + " | ".join(k.split("/", 1)[1] for k in DRIFT_KEYS) + " |",
+              "|---|" + "---|" * len(DRIFT_KEYS)]
     for name, entry in summary["runs"].items():
         drift = entry.get("drift", {})
         lines.append(f"| {name} | " + " | ".join(f"{drift[k]:.4f}" if k in drift else "-" for k in DRIFT_KEYS) + " |")
@@ -239,8 +241,9 @@ def summarize(results: dict, targets: list[float], budget: int) -> dict:
                 for lr, seeds in by_lr.items()}
         best = best_lr(rows)
         drifts = [drift_summary(path, budget // 2) for _, path in results[name][best].values()]
-        runs[name] = {"by_lr": rows, "best_lr": best,
-                      "drift": {k: statistics.fmean(d[k] for d in drifts) for k in drifts[0] if all(k in d for d in drifts)}}
+        shared = [k for k in drifts[0] if all(k in d for d in drifts)]
+        drift = {k: statistics.fmean(d[k] for d in drifts) for k in shared}
+        runs[name] = {"by_lr": rows, "best_lr": best, "drift": drift}
     pairs = {f"{other} - {baseline}": compare(runs[baseline]["by_lr"][runs[baseline]["best_lr"]],
                                               runs[other]["by_lr"][runs[other]["best_lr"]], targets, budget)
              for baseline, other in PAIRS if baseline in runs and other in runs}

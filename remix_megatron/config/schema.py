@@ -268,7 +268,8 @@ class AlgorithmConfig:
         _require(0 < self.gamma <= 1 and 0 <= self.lam <= 1,
                  f"algorithm gamma={self.gamma} must lie in (0, 1] and lam={self.lam} in [0, 1]")
         _require(0 <= self.drift_tv_low < self.drift_tv_high,
-                 f"algorithm.drift_tv_low={self.drift_tv_low} must be >= 0 and below drift_tv_high={self.drift_tv_high}")
+                 f"algorithm.drift_tv_low={self.drift_tv_low} must be >= 0 and below "
+                 f"drift_tv_high={self.drift_tv_high}")
         _require(self.drift_lr_factor > 1, f"algorithm.drift_lr_factor={self.drift_lr_factor} must be > 1")
         _require(0 < self.drift_lr_min_scale <= 1,
                  f"algorithm.drift_lr_min_scale={self.drift_lr_min_scale} must lie in (0, 1]")

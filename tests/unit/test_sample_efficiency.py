@@ -64,7 +64,8 @@ def test_table_arithmetic_by_hand(tmp_path):
     # trapezoids / span: base seed 0 (0.25 + 0.35 + 0.45) / 3 = 0.35; seed 1 (0.2 + 0.2 + 0.25) / 3
     row = summary["runs"]["ppo"]["by_lr"]["1e-4"]
     assert row["0"]["mean"] == pytest.approx(0.35) and row["1"]["mean"] == pytest.approx(0.65 / 3)
-    assert row["0"]["rollouts_to"] == {"0.3": 240, "0.45": 720} and row["1"]["rollouts_to"] == {"0.3": 720, "0.45": None}
+    assert row["0"]["rollouts_to"] == {"0.3": 240, "0.45": 720}
+    assert row["1"]["rollouts_to"] == {"0.3": 720, "0.45": None}
     assert summary["runs"]["remix_ppo"]["best_lr"] == "1e-4"
     other_rows = summary["runs"]["remix_ppo"]["by_lr"]["1e-4"]
     assert other_rows["0"]["mean"] == pytest.approx((0.35 + 0.5 + 0.55) / 3)  # 0.4667
@@ -72,7 +73,8 @@ def test_table_arithmetic_by_hand(tmp_path):
     pair = summary["pairs"]["remix_ppo - ppo"]
     diffs = [(1.4 - 1.05) / 3, (1.0 - 0.65) / 3]  # both +0.1167
     assert pair["mean_diff"]["per_seed"] == pytest.approx(diffs)
-    assert pair["mean_diff"]["mean"] == pytest.approx(0.35 / 3) and pair["mean_diff"]["std"] == pytest.approx(0, abs=1e-9)
+    assert pair["mean_diff"]["mean"] == pytest.approx(0.35 / 3)
+    assert pair["mean_diff"]["std"] == pytest.approx(0, abs=1e-9)
     assert pair["final_diff"]["per_seed"] == pytest.approx([0.1, 0.1])
     # to 0.3: baseline 240 and 720 (mean 480), compared 240 and 240: 2x; to 0.45: baseline 720 and never
     # (counted as the 720 budget, so the ratio is a bound), compared 240 and never (720): 720 / 480
