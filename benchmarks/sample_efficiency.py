@@ -1,23 +1,30 @@
-"""Sample efficiency on the tiny arithmetic task: rollouts needed to reach a held-out accuracy.
+"""Sample efficiency on the tiny arithmetic task: accuracy per rollout, with the controls that isolate replay.
 
-Runs, one after another as separate `remix-megatron train` processes (TP1, 2 cores):
-- ReMix-PPO (configs/tiny_remix_ppo.yaml) vs PPO (configs/tiny_ppo.yaml),
-- ReMix-GRPO (configs/tiny_remix_grpo.yaml) vs GRPO (configs/tiny_grpo.yaml),
-- two controls on the ReMix-PPO config that must stay flat: no update (losses computed,
-  no optimizer step) and shuffled rewards (each step's rewards permuted across its rollouts),
-each for every seed, with the same rollout budget (the number of steps is chosen from the
-paper's cost formula so that every run generates about ``--budget`` rollouts). Held-out greedy
-accuracy on all 512 held-out problems is measured every ``--eval-every`` steps. Nothing is
-tuned for the benchmark: the configs are the shipped ones (the paper's defaults for p, N, UTD,
-KL-convex; the schedule scaled to the tiny run, see the configs' headers).
+Runs, as separate `remix-megatron train` processes (TP1, ``--jobs`` at a time on the 2 cores):
+- PPO (configs/tiny_ppo.yaml), ReMix-PPO (configs/tiny_remix_ppo.yaml), GRPO, ReMix-GRPO;
+- no-replay controls (``no_replay_ppo``, ``no_replay_grpo``): ReMix's config with p = 0, the same
+  fresh rollouts per step (48) and about the same optimizer steps per rollout (UTD 3 over 48 rows in
+  minibatches of 16 = 9 steps per 48 rollouts, ReMix's 10); the same schedule, KL-convex and
+  reincarnation. ReMix minus this control is what replaying old data adds;
+- ``remix_ppo_utd1``: ReMix-PPO at UTD 1;
+- two flat controls on the ReMix-PPO config: no update (losses computed, no optimizer step) and
+  shuffled rewards (each step's rewards permuted across its rollouts);
+each for every seed. PPO, ReMix-PPO, its no-replay control, GRPO and ReMix-GRPO run at every actor lr
+of ``--lrs`` (the same grid for each); the GRPO no-replay control, UTD-1 ReMix-PPO and the flat
+controls run at their ReMix config's lr (the sweep's choice), to fit the 2 cores. Every run gets the
+same rollout budget (the
+steps come from the paper's cost formula) and is evaluated on all 512 held-out problems at the same
+rollout counts, every ``--eval-every`` rollouts (``data.eval_every_rollouts``), whatever the algorithm.
 
-Prints, per algorithm, the accuracy at the start and end, the best, the mean over the budget
-(area under the accuracy-vs-rollouts curve divided by its span), the rollouts needed to first reach
-``--target`` (mean over seeds; a run that never reaches it counts as "> budget"), the ratios
-PPO / ReMix-PPO and GRPO / ReMix-GRPO, and writes accuracy-vs-rollouts curves to
-``--out``/sample_efficiency.png plus the raw numbers to ``--out``/sample_efficiency.json.
+Reports per run, lr and seed: the mean accuracy over the budget (area under accuracy vs rollouts
+divided by its span), the rollouts to each of ``--targets`` and the final accuracy; per pair, each
+at its own best lr (highest mean accuracy averaged over seeds): the per-seed differences with their
+mean and standard deviation, and the ratio of mean rollouts to each target. Writes the tables to
+``--out``/sample_efficiency.md, the numbers to sample_efficiency.json and an overlay plot (every
+seed of every run at its best lr, reincarnation marked) to sample_efficiency.png. Finished runs
+(a metrics.jsonl that reached the last step) are reused.
 
-    .venv/bin/python benchmarks/sample_efficiency.py [--seeds 0,1,2] [--budget 7680] [--target 0.35]
+    .venv/bin/python benchmarks/sample_efficiency.py [--seeds 0,1,2] [--lrs 5e-5,1e-4,2e-4] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -25,35 +32,54 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-RUNS = {  # name -> (config, overrides)
-    "remix_ppo": ("configs/tiny_remix_ppo.yaml", []),
-    "ppo": ("configs/tiny_ppo.yaml", []),
-    "remix_grpo": ("configs/tiny_remix_grpo.yaml", []),
-    "grpo": ("configs/tiny_grpo.yaml", []),
-    "control_no_update": ("configs/tiny_remix_ppo.yaml", ["trainer.control=no_update"]),
-    "control_shuffled_rewards": ("configs/tiny_remix_ppo.yaml", ["trainer.control=shuffled_rewards"]),
-    # Ablations, run only when named in --runs: ReMix with PPO's clip window (centred at 1, ratio
-    # still against the behaviour policy) in place of Mix-PPG's window centred at pi_k / b.
-    "remix_ppo_ppo_clip": ("configs/tiny_remix_ppo.yaml", ["algorithm.policy_loss=ppo"]),
-    "remix_grpo_ppo_clip": ("configs/tiny_remix_grpo.yaml", ["algorithm.policy_loss=ppo"]),
+NO_REPLAY = ["algorithm.off_policy_portion=0", "algorithm.utd=3"]
+RUNS = {  # name -> (config, overrides, swept over --lrs); in the order they run
+    "ppo": ("configs/tiny_ppo.yaml", [], True),
+    "remix_ppo": ("configs/tiny_remix_ppo.yaml", [], True),
+    "no_replay_ppo": ("configs/tiny_remix_ppo.yaml", [*NO_REPLAY, "rollout.prompts_per_step=48"], True),
+    "grpo": ("configs/tiny_grpo.yaml", [], True),
+    "remix_grpo": ("configs/tiny_remix_grpo.yaml", [], True),
+    "no_replay_grpo": ("configs/tiny_remix_grpo.yaml", [*NO_REPLAY, "rollout.prompts_per_step=6"], False),
+    "control_no_update": ("configs/tiny_remix_ppo.yaml", ["trainer.control=no_update"], False),
+    "control_shuffled_rewards": ("configs/tiny_remix_ppo.yaml", ["trainer.control=shuffled_rewards"], False),
+    "remix_ppo_utd1": ("configs/tiny_remix_ppo.yaml", ["algorithm.utd=1"], False),
+    # Opt-in: ReMix-PPO with the adaptive lr of algorithm.drift_control, from the grid's top lr (its ceiling)
+    # instead of a sweep.
+    "remix_ppo_drift_control": ("configs/tiny_remix_ppo.yaml", ["algorithm.drift_control=true",
+                                                                "actor_optimizer.lr=2e-4"], False),
 }
-DEFAULT_RUNS = ("remix_ppo", "ppo", "remix_grpo", "grpo", "control_no_update", "control_shuffled_rewards")
-PAIRS = (("ppo", "remix_ppo"), ("grpo", "remix_grpo"), ("ppo", "remix_ppo_ppo_clip"), ("grpo", "remix_grpo_ppo_clip"))
+DEFAULT_RUNS = tuple(name for name in RUNS if name != "remix_ppo_drift_control")
+PAIRS = (  # (baseline, compared): compared - baseline
+    ("ppo", "remix_ppo"), ("no_replay_ppo", "remix_ppo"), ("ppo", "no_replay_ppo"), ("remix_ppo_utd1", "remix_ppo"),
+    ("remix_ppo", "remix_ppo_drift_control"),
+    ("grpo", "remix_grpo"), ("no_replay_grpo", "remix_grpo"), ("grpo", "no_replay_grpo"),
+)
+DRIFT_KEYS = ("drift/kl_prev_fresh", "drift/tv_prev_fresh", "drift/abs_w_minus_1/age1", "drift/outside_window/age1",
+              "drift/malformed_rate", "actor/clip_frac")
 
 
-def steps_for_budget(config: str, budget: int) -> int:
-    """The fewest steps whose rollouts (the paper's cost formula) reach ``budget``."""
+def load(name: str, lr: float | None = None):
+    """The resolved config of run ``name`` (at actor lr ``lr``, else the config's)."""
     sys.path.insert(0, str(REPO))
-    from remix_megatron.algorithms import rollout_cost
     from remix_megatron.config import load_config
 
-    cfg = load_config(REPO / config)
+    config, extra, _ = RUNS[name]
+    return load_config(REPO / config, [*extra, *([f"actor_optimizer.lr={lr}"] if lr else [])])
+
+
+def steps_for_budget(cfg, budget: int) -> int:
+    """The fewest steps whose rollouts (the paper's cost formula) reach ``budget``."""
+    from remix_megatron.algorithms import rollout_cost
+
     steps = 1
     while rollout_cost(steps, cfg.algorithm, prompts_per_step=cfg.rollout.prompts_per_step,
                        responses_per_prompt=cfg.rollout.responses_per_prompt) < budget:
@@ -61,41 +87,57 @@ def steps_for_budget(config: str, budget: int) -> int:
     return steps
 
 
-def run(name: str, seed: int, budget: int, eval_every: int, tiny: Path, out: Path) -> list[dict]:
-    config, extra = RUNS[name]
-    run_dir = out / f"{name}_seed{seed}"
-    metrics = run_dir / "metrics.jsonl"
-    steps = steps_for_budget(config, budget)
-    if metrics.is_file() and any(json.loads(line)["iteration"] == steps for line in metrics.read_text().splitlines()):
-        print(f"{name} seed {seed}: reusing {metrics}", flush=True)
-    else:
-        if run_dir.exists():
-            import shutil
+def evaluation_rollouts(cfg, num_steps: int, every: int) -> list[int]:
+    """Rollouts generated at each evaluation the trainer makes (before the first step too)."""
+    from remix_megatron.algorithms import evaluation_due, rollout_cost
 
-            shutil.rmtree(run_dir)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
-               "remix_megatron.cli", "train", config, f"model.hf_path={tiny}", f"data.train_path={tiny}/train.jsonl",
-               f"data.eval_path={tiny}/heldout.jsonl", f"trainer.num_steps={steps}", f"trainer.seed={seed}",
-               f"data.eval_interval={eval_every}", "data.eval_size=0", "trainer.save_interval=-1",
-               f"trainer.run_dir={run_dir}", *extra]
-        start = time.perf_counter()
-        print(f"{name} seed {seed}: {steps} steps ...", flush=True)
-        result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "2"}, capture_output=True,
-                                text=True)
-        if result.returncode:
-            raise SystemExit(f"{name} seed {seed} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-        print(f"{name} seed {seed}: done in {time.perf_counter() - start:.0f} s", flush=True)
-    return [json.loads(line) for line in metrics.read_text().splitlines()]
+    def total(step: int) -> int:
+        return rollout_cost(step, cfg.algorithm, prompts_per_step=cfg.rollout.prompts_per_step,
+                            responses_per_prompt=cfg.rollout.responses_per_prompt) if step else 0
+
+    return [0] + [total(k) for k in range(1, num_steps + 1)
+                  if evaluation_due(k, num_steps, total(k - 1), total(k), every_steps=0, every_rollouts=every)]
+
+
+def run_one(name: str, lr: float | None, seed: int, budget: int, every: int, tiny: Path, out: Path,
+            threads: int) -> tuple[int, Path]:
+    """Train one run (unless its metrics.jsonl already reached the last step); returns (steps, metrics path)."""
+    config, extra, _ = RUNS[name]
+    run_dir = out / (f"{name}_lr{lr:g}_seed{seed}" if lr else f"{name}_seed{seed}")
+    metrics = run_dir / "metrics.jsonl"
+    steps = steps_for_budget(load(name, lr), budget)
+    if metrics.is_file() and any(json.loads(line)["iteration"] == steps for line in metrics.read_text().splitlines()):
+        return steps, metrics
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
+           "remix_megatron.cli", "train", config, f"model.hf_path={tiny}", f"data.train_path={tiny}/train.jsonl",
+           f"data.eval_path={tiny}/heldout.jsonl", f"trainer.num_steps={steps}", f"trainer.seed={seed}",
+           "data.eval_interval=0", f"data.eval_every_rollouts={every}", "data.eval_size=0", "trainer.save_interval=-1",
+           f"trainer.run_dir={run_dir}", *extra, *([f"actor_optimizer.lr={lr}"] if lr else [])]
+    start = time.perf_counter()
+    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=True,
+                            text=True)
+    if result.returncode:
+        raise SystemExit(f"{run_dir.name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    print(f"{run_dir.name}: {steps} steps in {time.perf_counter() - start:.0f} s", flush=True)
+    return steps, metrics
+
+
+def accuracy_curve(metrics: Path, expected: list[int]) -> list[tuple[int, float]]:
+    """(rollouts, held-out accuracy) of a run, checked to be evaluated exactly at ``expected`` rollouts."""
+    points = [(r["rollouts_total"], r["eval_accuracy"]) for r in map(json.loads, metrics.read_text().splitlines())
+              if "eval_accuracy" in r]
+    if [x for x, _ in points] != expected:
+        raise ValueError(f"{metrics}: evaluated at rollouts {[x for x, _ in points]}, not the matched {expected}")
+    return points
 
 
 def mean_accuracy(points: list[tuple[int, float]]) -> float:
-    """Accuracy averaged over the rollouts generated (trapezoid area under the curve / span): one
-    number per run that uses every evaluation, less noisy than the first crossing of a target."""
+    """Accuracy averaged over the rollouts generated: trapezoid area under the curve / its span."""
     span = points[-1][0] - points[0][0]
     if span <= 0:
         return points[-1][1]
-    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(points, points[1:]))
-    return area / span
+    return sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(points, points[1:])) / span
 
 
 def rollouts_to(points: list[tuple[int, float]], target: float) -> int | None:
@@ -103,83 +145,179 @@ def rollouts_to(points: list[tuple[int, float]], target: float) -> int | None:
     return next((rollouts for rollouts, accuracy in points if accuracy >= target), None)
 
 
+def drift_summary(metrics: Path, up_to_rollouts: int) -> dict[str, float]:
+    """Mean of each drift metric over the iterations that end at or before ``up_to_rollouts``."""
+    records = [r for r in map(json.loads, metrics.read_text().splitlines())
+               if r["iteration"] > 0 and r["rollouts_total"] <= up_to_rollouts]
+    return {key: statistics.fmean(r[key] for r in records if key in r) for key in DRIFT_KEYS
+            if any(key in r for r in records)}
+
+
+def run_summary(points: list[tuple[int, float]], targets: list[float]) -> dict:
+    """One run's row: mean accuracy over the budget, rollouts to each target, start and final accuracy."""
+    return {"mean": mean_accuracy(points), "final": points[-1][1], "start": points[0][1],
+            "rollouts_to": {f"{t:g}": rollouts_to(points, t) for t in targets}}
+
+
+def spread(values: list[float]) -> dict:
+    """Mean and sample standard deviation (0 for one value)."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def best_lr(by_lr: dict) -> str:
+    """The lr whose seeds' mean accuracy over the budget is highest."""
+    return max(by_lr, key=lambda lr: statistics.fmean(s["mean"] for s in by_lr[lr].values()))
+
+
+def compare(baseline: dict, other: dict, targets: list[float], budget: int) -> dict:
+    """``other`` - ``baseline`` per seed (same seeds), and baseline / other mean rollouts to each target
+    (a run that never reaches a target counts as the budget, and the ratio is then marked as a bound)."""
+    seeds = sorted(set(baseline) & set(other), key=int)
+    out = {"seeds": seeds}
+    for key in ("mean", "final"):
+        diffs = [other[s][key] - baseline[s][key] for s in seeds]
+        out[f"{key}_diff"] = {"per_seed": diffs, **spread(diffs)}
+    out["rollouts_ratio"] = {}
+    for t in map(lambda t: f"{t:g}", targets):
+        a, b = ([run[s]["rollouts_to"][t] for s in seeds] for run in (baseline, other))
+        if all(x is None for x in b):
+            out["rollouts_ratio"][t] = None
+            continue
+        ratio = statistics.fmean(x if x is not None else budget for x in a) / statistics.fmean(
+            x if x is not None else budget for x in b)
+        out["rollouts_ratio"][t] = {"ratio": ratio, "bound": any(x is None for x in a + b)}
+    return out
+
+
+def _fmt_rollouts(values: list[int | None]) -> str:
+    return ", ".join("never" if v is None else f"{v:,}" for v in values)
+
+
+def markdown(summary: dict, targets: list[float], budget: int) -> str:
+    """The per-run table (every lr and seed) and the per-pair table (each at its best lr)."""
+    lines = [f"Budget {budget:,} rollouts per run; mean = accuracy averaged over the budget; per-seed values "
+             "are listed in seed order.", "",
+             "| run | lr | start | mean (per seed) | final (per seed) | "
+             + " | ".join(f"rollouts to {t:g}" for t in targets) + " |",
+             "|---|---|---|---|---|" + "---|" * len(targets)]
+    for name, entry in summary["runs"].items():
+        for lr, seeds in entry["by_lr"].items():
+            rows = [seeds[s] for s in sorted(seeds, key=int)]
+            best = " (best)" if lr == entry["best_lr"] and len(entry["by_lr"]) > 1 else ""
+            cells = [f"{statistics.fmean(r[key] for r in rows):.3f} ({', '.join(f'{r[key]:.3f}' for r in rows)})"
+                     for key in ("mean", "final")]
+            lines.append(f"| {name} | {lr}{best} | {statistics.fmean(r['start'] for r in rows):.3f} | "
+                         + " | ".join(cells) + " | "
+                         + " | ".join(_fmt_rollouts([r["rollouts_to"][f"{t:g}"] for r in rows]) for t in targets)
+                         + " |")
+    lines += ["", "Pairs: A - B is A minus B per seed; the rollouts ratio is B's mean rollouts to the target over A's "
+              "(> 1: A needs fewer; ~: a run that never reached it counts as the budget).", "",
+              "| pair (each at its best lr) | mean-accuracy difference, mean ± std (per seed) | final difference | "
+              + " | ".join(f"rollouts ratio to {t:g}" for t in targets) + " |",
+              "|---|---|---|" + "---|" * len(targets)]
+    for key, pair in summary["pairs"].items():
+        m, f = pair["mean_diff"], pair["final_diff"]
+        ratios = []
+        for t in targets:
+            r = pair["rollouts_ratio"][f"{t:g}"]
+            ratios.append("not reached" if r is None else f"{'~' if r['bound'] else ''}{r['ratio']:.2f}x")
+        lines.append(f"| {key} | {m['mean']:+.3f} ± {m['std']:.3f} ({', '.join(f'{d:+.3f}' for d in m['per_seed'])}) "
+                     f"| {f['mean']:+.3f} ± {f['std']:.3f} | " + " | ".join(ratios) + " |")
+    lines += ["", "Drift over the first half of the budget (ReMix's Mix phase; means over iterations and seeds, "
+              "best lr):", "",
+              "| run | " + " | ".join(k.split("/", 1)[1] for k in DRIFT_KEYS) + " |",
+              "|---|" + "---|" * len(DRIFT_KEYS)]
+    for name, entry in summary["runs"].items():
+        drift = entry.get("drift", {})
+        lines.append(f"| {name} | " + " | ".join(f"{drift[k]:.4f}" if k in drift else "-" for k in DRIFT_KEYS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summarize(results: dict, targets: list[float], budget: int) -> dict:
+    """``results[name][lr][seed] = (points, metrics path)`` -> per-run rows, best lrs and pairs."""
+    runs = {}
+    for name, by_lr in results.items():
+        rows = {lr: {seed: run_summary(points, targets) for seed, (points, _) in seeds.items()}
+                for lr, seeds in by_lr.items()}
+        best = best_lr(rows)
+        drifts = [drift_summary(path, budget // 2) for _, path in results[name][best].values()]
+        shared = [k for k in drifts[0] if all(k in d for d in drifts)]
+        drift = {k: statistics.fmean(d[k] for d in drifts) for k in shared}
+        runs[name] = {"by_lr": rows, "best_lr": best, "drift": drift}
+    pairs = {f"{other} - {baseline}": compare(runs[baseline]["by_lr"][runs[baseline]["best_lr"]],
+                                              runs[other]["by_lr"][runs[other]["best_lr"]], targets, budget)
+             for baseline, other in PAIRS if baseline in runs and other in runs}
+    return {"budget": budget, "targets": targets, "runs": runs, "pairs": pairs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds (several for a mean)")
-    parser.add_argument("--budget", type=int, default=7680, help="rollouts per run (PPO: 120 steps of 64)")
-    parser.add_argument("--target", type=float, default=0.35, help="held-out accuracy to reach")
-    parser.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations")
-    parser.add_argument("--runs", default=",".join(DEFAULT_RUNS),
-                        help=f"which runs (default: all but the ablation; any of {', '.join(RUNS)})")
-    parser.add_argument("--out", default="runs/sample_efficiency", help="run directories, plot and JSON")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--lrs", default="5e-5,1e-4,2e-4", help="actor lr grid, the same for every swept run")
+    parser.add_argument("--budget", type=int, default=1920, help="rollouts per run")
+    parser.add_argument("--eval-every", type=int, default=240, help="rollouts between held-out evaluations")
+    parser.add_argument("--targets", default="0.35,0.45", help="held-out accuracies to reach, comma-separated")
+    parser.add_argument("--runs", default=",".join(DEFAULT_RUNS), help=f"which runs (any of {', '.join(RUNS)})")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each gets 2 // jobs threads, at least 1)")
+    parser.add_argument("--out", default="runs/sample_efficiency", help="run directories, tables, plot")
     args = parser.parse_args()
-
-    sys.path.insert(0, str(REPO))
-    from remix_megatron.data.tiny import build_tiny_model
-    from remix_megatron.metrics_log import curve
-
-    tiny, out = build_tiny_model(), (REPO / args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    seeds = [int(s) for s in args.seeds.split(",")]
     names = [n for n in args.runs.split(",") if n]
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         parser.error(f"unknown run(s) {', '.join(unknown)}; choose from {', '.join(RUNS)}")
-    curves = {name: {seed: curve(run(name, seed, args.budget, args.eval_every, tiny, out), "eval_accuracy")
-                     for seed in seeds}
-              for name in names}
+    seeds, lrs = [int(s) for s in args.seeds.split(",")], [float(x) for x in args.lrs.split(",")]
+    targets = [float(t) for t in args.targets.split(",")]
 
-    print(f"\nbudget ~{args.budget} rollouts per run, target held-out accuracy {args.target:.2f}, seeds {seeds}")
-    print(f"{'run':26s} {'start':>6s} {'end':>6s} {'best':>6s} {'mean':>6s} {'rollouts to target (per seed)':>32s}")
-    summary = {}
-    for name in names:
-        runs = curves[name]
-        starts = [points[0][1] for points in runs.values()]
-        ends = [points[-1][1] for points in runs.values()]
-        bests = [max(a for _, a in points) for points in runs.values()]
-        reached = [rollouts_to(points, args.target) for points in runs.values()]
-        means = [mean_accuracy(points) for points in runs.values()]
-        summary[name] = {"start": starts, "end": ends, "best": bests, "mean": means, "rollouts_to_target": reached,
-                         "curves": {str(seed): points for seed, points in runs.items()}}
-        shown = ", ".join(str(r) if r is not None else f">{runs[s][-1][0]}" for r, s in zip(reached, runs))
-        print(f"{name:26s} {sum(starts) / len(starts):6.3f} {sum(ends) / len(ends):6.3f} "
-              f"{sum(bests) / len(bests):6.3f} {sum(means) / len(means):6.3f} {shown:>32s}")
-    for baseline, remix in PAIRS:
-        if baseline not in summary or remix not in summary:
-            continue
-        a, b = summary[baseline]["mean"], summary[remix]["mean"]
-        print(f"{remix} - {baseline}: mean accuracy over the budget {sum(b) / len(b) - sum(a) / len(a):+.3f} "
-              f"(per seed {', '.join(f'{y - x:+.3f}' for x, y in zip(a, b))})")
-        a, b = summary[baseline]["rollouts_to_target"], summary[remix]["rollouts_to_target"]
-        if all(x is not None for x in a + b):
-            ratio = (sum(a) / len(a)) / (sum(b) / len(b))
-            print(f"{baseline} / {remix}: {ratio:.2f}x the rollouts to reach {args.target:.2f} (paper, 1.5B PPO: >10x)")
-        elif all(x is not None for x in b):
-            print(f"{baseline} / {remix}: > {args.budget / (sum(b) / len(b)):.2f}x ({baseline} never reached "
-                  f"{args.target:.2f} within the budget in {sum(x is None for x in a)} of {len(a)} runs)")
-        else:
-            print(f"{baseline} / {remix}: {remix} did not reach {args.target:.2f} in every run: no ratio")
-    for control in ("control_no_update", "control_shuffled_rewards"):
-        if control in summary:
-            rise = max(summary[control]["best"][i] - summary[control]["start"][i] for i in range(len(seeds)))
-            print(f"{control}: largest rise over start {rise:+.3f} (must stay flat)")
-    (out / "sample_efficiency.json").write_text(json.dumps({"budget": args.budget, "target": args.target,
-                                                           "seeds": seeds, "runs": summary}, indent=1))
-    _plot(curves, args.target, out / "sample_efficiency.png")
-    print(f"plot: {out / 'sample_efficiency.png'}\nnumbers: {out / 'sample_efficiency.json'}")
+    sys.path.insert(0, str(REPO))
+    from remix_megatron.data.tiny import build_tiny_model
+
+    tiny, out = build_tiny_model(), REPO / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(name, lr, seed) for name in names for lr in (lrs if RUNS[name][2] else [None]) for seed in seeds]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        done = list(pool.map(lambda job: run_one(*job, args.budget, args.eval_every, tiny, out,
+                                                 max(1, 2 // args.jobs)), jobs))
+    results: dict = {}
+    for (name, lr, seed), (steps, path) in zip(jobs, done):
+        expected = evaluation_rollouts(load(name, lr), steps, args.eval_every)
+        results.setdefault(name, {}).setdefault(f"{lr or load(name).actor_optimizer.lr:g}", {})[str(seed)] = (
+            accuracy_curve(path, expected), path)
+    summary = summarize(results, targets, args.budget)
+    table = markdown(summary, targets, args.budget)
+    print("\n" + table)
+    (out / "sample_efficiency.md").write_text(table)
+    (out / "sample_efficiency.json").write_text(json.dumps(summary, indent=1))
+    _plot(results, summary, out / "sample_efficiency.png")
+    print(f"tables: {out / 'sample_efficiency.md'}\nnumbers: {out / 'sample_efficiency.json'}\n"
+          f"plot: {out / 'sample_efficiency.png'}")
 
 
-def _plot(curves: dict, target: float, path: Path) -> None:
+def _reincarnation_rollouts(metrics: Path) -> int | None:
+    """Rollouts generated before the first reincarnated iteration (None: never)."""
+    for record in map(json.loads, metrics.read_text().splitlines()):
+        if record.get("reincarnated"):
+            return record["rollouts_total"] - record["rollouts"]
+    return None
+
+
+def _plot(results: dict, summary: dict, path: Path) -> None:
     from remix_megatron.metrics_log import against_rollouts, pyplot, save_figure
 
-    figure, axis = pyplot().subplots(figsize=(6.5, 4))
-    for index, (name, runs) in enumerate(curves.items()):
-        for n, (seed, points) in enumerate(runs.items()):
-            axis.plot(*zip(*points), color=f"C{index}", alpha=0.9, linestyle="--" if "control" in name else "-",
-                      label=name if n == 0 else None)
-    axis.axhline(target, color="grey", linewidth=0.8)
-    against_rollouts(axis, "tiny arithmetic task: accuracy vs rollouts", ylabel="held-out greedy accuracy",
-                     legend=True)
+    families = [("PPO", [n for n in results if "grpo" not in n]), ("GRPO", [n for n in results if "grpo" in n])]
+    families = [(title, members) for title, members in families if members]
+    figure, axes = pyplot().subplots(1, len(families), figsize=(6.5 * len(families), 4.2), squeeze=False)
+    for axis, (title, members) in zip(axes[0], families):
+        for index, name in enumerate(members):
+            best = summary["runs"][name]["best_lr"]
+            for n, (points, metrics) in enumerate(results[name][best].values()):
+                axis.plot(*zip(*points), color=f"C{index}", alpha=0.8, linewidth=1.2,
+                          linestyle="--" if "control" in name or "no_replay" in name else "-",
+                          label=f"{name} (lr {best})" if n == 0 else None)
+                reincarnation = _reincarnation_rollouts(metrics)
+                if reincarnation is not None and n == 0:
+                    axis.axvline(reincarnation, color=f"C{index}", linewidth=0.8, linestyle=":")
+        against_rollouts(axis, f"tiny task, {title} family: accuracy vs rollouts (dotted: reincarnation)",
+                         ylabel="held-out greedy accuracy", legend=True)
     save_figure(figure, path, dpi=110)
 
 

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from remix_megatron.algorithms import ADVANTAGE_ESTIMATORS, ActorLossInputs, AdvantageInputs
 from remix_megatron.algorithms import evaluation_due, kl_lambda, learning_rate, phase
 from remix_megatron.algorithms.advantages import grpo_advantages
-from remix_megatron.algorithms.drift import fresh_drift, malformed, replay_drift
+from remix_megatron.algorithms.drift import adapt_lr_scale, fresh_drift, malformed, replay_drift
 from remix_megatron.algorithms.megatron_adapter import (
     CriticTargets, MicroBatch, actor_loss_builder, critic_loss_builder, forward_logprobs, forward_values,
     reduce_metrics, run_pipeline, split_micro_batches,
@@ -585,6 +585,7 @@ def train(cfg: ExperimentConfig) -> list[dict]:
         saved = payload["trainer_state"]
         train_source.load_state_dict(saved["prompts"])
         counters["rollouts"] = saved["rollouts"]
+        counters["actor_lr_scale"] = saved.get("actor_lr_scale", 1.0)
     # The store and metrics.jsonl match the checkpoint again (or are empty without one).
     history = _shared_history(restore_run(cfg, store, resume_from) if state.rank == 0 else [])
     say("start", f"starting the {cfg.rollout.engine} generation engine", active=state.rank == 0)
@@ -614,7 +615,8 @@ def train(cfg: ExperimentConfig) -> list[dict]:
             if interval >= 0 and (k == cfg.trainer.num_steps or (interval and k % interval == 0) or stopped):
                 saved_to = save_checkpoint(checkpoints, k, models.named(), state,
                                 {"prompts": train_source.state_dict(), "rollouts": counters["rollouts"],
-                                 "reincarnated": record["reincarnated"]}, config=cfg,
+                                 "reincarnated": record["reincarnated"],
+                                 "actor_lr_scale": counters.get("actor_lr_scale", 1.0)}, config=cfg,
                                 keep_last=cfg.trainer.keep_checkpoints)
                 fault_point("checkpoint_saved", k)
                 say("event", f"checkpoint of iteration {k} saved: {saved_to}", active=state.rank == 0)
@@ -701,9 +703,15 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
     builder = actor_loss_builder(cfg.algorithm, state, kl_lambda=weight)
     limit = cfg.trainer.max_skipped_steps
     apply = cfg.trainer.control != "no_update"
-    for model, optim in ((models.actor, cfg.actor_optimizer), (models.critic, cfg.critic_optimizer)):
+    alg = cfg.algorithm
+    if alg.drift_control:  # the TV measured now is the move of the last update: adapt before this one
+        counters["actor_lr_scale"] = adapt_lr_scale(
+            counters.get("actor_lr_scale", 1.0), drift["drift/tv_prev_fresh"], low=alg.drift_tv_low,
+            high=alg.drift_tv_high, factor=alg.drift_lr_factor, min_scale=alg.drift_lr_min_scale)
+    for model, optim, scale in ((models.actor, cfg.actor_optimizer, counters.get("actor_lr_scale", 1.0)),
+                                (models.critic, cfg.critic_optimizer, 1.0)):
         if model is not None:
-            model.set_lr(learning_rate(k, cfg.trainer.num_steps, optim.lr, optim.lr_decay, optim.min_lr_ratio))
+            model.set_lr(scale * learning_rate(k, cfg.trainer.num_steps, optim.lr, optim.lr_decay, optim.min_lr_ratio))
     # UTD passes: every minibatch once per pass, in a fresh order each time. The advantages and
     # value targets are fixed for the iteration, so the actor and the critic do not affect each
     # other's updates: each runs all its passes in one go, and its metrics cover all of them.

@@ -15,6 +15,8 @@ these do. On replayed tokens of age a, w = pi_k / b (b = pi_{k-a}):
 - ``drift/abs_w_minus_1/age{a}``: mean |w - 1|;
 - ``drift/outside_window/age{a}``: share with w outside PPO's window [1 - eps_low, 1 + eps_high].
 
+``adapt_lr_scale`` is GePPO's adaptive learning rate on the measured per-token TV.
+
 ``malformed`` flags a response with text after its final ``\\boxed{...}`` or with that box's
 braces unbalanced (``drift/malformed_rate`` is its share of the fresh responses).
 """
@@ -62,3 +64,12 @@ def malformed(text: str) -> bool:
         if depth == 0:
             return bool(text[index + 1:].strip())
     return True
+
+
+def adapt_lr_scale(scale: float, tv: float, *, low: float, high: float, factor: float, min_scale: float) -> float:
+    """The actor's next lr scale: / factor when ``tv`` > ``high``, * factor when < ``low``, kept in [min_scale, 1]."""
+    if tv > high:
+        scale /= factor
+    elif tv < low:
+        scale *= factor
+    return min(max(scale, min_scale), 1.0)

@@ -255,6 +255,15 @@ class AlgorithmConfig:
     reincarnation_step: int = doc("T: after step T the reference becomes the policy and training turns "
                                   "on-policy; 0 = never", 50)
     post_reincarnation_utd: int = doc("UTD after reincarnation", 1)
+    drift_control: bool = doc("GePPO-style adaptive actor lr: each iteration, the per-token TV between pi_k and "
+                              "pi_{k-1} on fresh tokens (drift/tv_prev_fresh, the last update's move) above "
+                              "drift_tv_high divides the lr scale by drift_lr_factor, below drift_tv_low multiplies "
+                              "it; the scale stays in [drift_lr_min_scale, 1] and is checkpointed", False)
+    drift_tv_low: float = doc("drift_control: bottom of the per-token TV band (GePPO's MuJoCo eps/4 is far too loose "
+                              "for token policies; the tiny PPO baseline moves ~0.007-0.011 per iteration)", 0.005)
+    drift_tv_high: float = doc("drift_control: top of the per-token TV band", 0.01)
+    drift_lr_factor: float = doc("drift_control: lr scale divided or multiplied by this outside the band", 1.5)
+    drift_lr_min_scale: float = doc("drift_control: smallest lr scale", 0.05)
 
     def __post_init__(self) -> None:
         _require(self.clip_eps_low > 0 and self.clip_eps_high > 0,
@@ -275,6 +284,12 @@ class AlgorithmConfig:
         _require(0 <= self.kl_lambda_floor <= 1, f"algorithm.kl_lambda_floor={self.kl_lambda_floor} must lie in [0, 1]")
         _require(0 < self.gamma <= 1 and 0 <= self.lam <= 1,
                  f"algorithm gamma={self.gamma} must lie in (0, 1] and lam={self.lam} in [0, 1]")
+        _require(0 <= self.drift_tv_low < self.drift_tv_high,
+                 f"algorithm.drift_tv_low={self.drift_tv_low} must be >= 0 and below "
+                 f"drift_tv_high={self.drift_tv_high}")
+        _require(self.drift_lr_factor > 1, f"algorithm.drift_lr_factor={self.drift_lr_factor} must be > 1")
+        _require(0 < self.drift_lr_min_scale <= 1,
+                 f"algorithm.drift_lr_min_scale={self.drift_lr_min_scale} must lie in (0, 1]")
         _require(0 <= self.off_policy_portion < 1,
                  f"algorithm.off_policy_portion={self.off_policy_portion} must lie in [0, 1)")
         _require(self.off_policy_portion == 0 or self.replay_window > 0,

@@ -1,5 +1,5 @@
-"""The README's main job as a user runs it: ReMix-PPO on the tiny model raises held-out accuracy
-by at least 20 points and leaves a complete run directory."""
+"""The README's main job as a user runs it: ReMix-PPO on the tiny model rises through the Mix phase,
+raises held-out accuracy by at least 25 points and leaves a complete run directory."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from tests.conftest import run_cli
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.timeout(900)  # as long as run_cli's own limit: the 120 iterations take ~4 min alone, longer when shared
 def test_main_job_improves_accuracy(tmp_path):
     from remix_megatron.data.tiny import build_tiny_model
 
@@ -22,8 +23,10 @@ def test_main_job_improves_accuracy(tmp_path):
                    f"trainer.run_dir={run}"], timeout_s=900).stdout
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     accuracy = [r["eval_accuracy"] for r in records if "eval_accuracy" in r]
-    assert accuracy[-1] - accuracy[0] >= 0.20, accuracy
-    assert records[-1]["iteration"] == 200 and records[-1]["reincarnated"]
-    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "latest").read_text() == "iter_0000200"
+    assert accuracy[-1] - accuracy[0] >= 0.25, accuracy
+    mix = [r["eval_accuracy"] for r in records if "eval_accuracy" in r and 1 <= r["iteration"] <= 20]  # T = 20
+    assert mix and min(mix) >= accuracy[0] - 0.05 and mix[-1] > accuracy[0], (accuracy[0], mix)
+    assert records[-1]["iteration"] == 120 and records[-1]["reincarnated"]
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "latest").read_text() == "iter_0000120"
     assert (run / "hf_actor" / "config.json").is_file() and (run / "hf_actor" / "tokenizer.json").is_file()
     assert "held-out accuracy" in out and (run / "accuracy.png").is_file()

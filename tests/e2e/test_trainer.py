@@ -25,7 +25,8 @@ def tiny_dir():
 def overrides(tiny: Path, run: Path, steps: int) -> list[str]:
     return [f"model.hf_path={tiny}", f"data.train_path={tiny}/train.jsonl", f"data.eval_path={tiny}/heldout.jsonl",
             "rollout.prompts_per_step=32", "data.eval_size=32", "data.eval_interval=2", "algorithm.reincarnation_step=2",
-            "trainer.save_interval=2", "trainer.resume=true", f"trainer.num_steps={steps}", f"trainer.run_dir={run}"]
+            "trainer.save_interval=2", "trainer.resume=true", f"trainer.num_steps={steps}", f"trainer.run_dir={run}",
+            "algorithm.fresh_multiple_of=8", "trainer.global_batch_size=32"]  # one step per pass, as when written
 
 
 def metrics(run: Path) -> list[dict]:
@@ -62,6 +63,24 @@ def test_loop_accounting_schedule_and_exact_resume(tiny_dir, tmp_path):
     for record in a[1:]:
         numbers = [v for v in record.values() if isinstance(v, float)]
         assert numbers and all(v == v and abs(v) != float("inf") for v in numbers), record
+
+
+def test_drift_control_adapts_the_lr_and_resumes_exactly(tiny_dir, tmp_path):
+    """A band every move is above: the actor's lr halves each iteration after the first (whose TV
+    is 0: pi_1 = pi_0), and a run resumed after iteration 2 continues the adapted lr bitwise."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    control = ["actor_optimizer.lr_decay=constant", "algorithm.drift_control=true", "algorithm.drift_tv_low=0",
+               "algorithm.drift_tv_high=1e-9", "algorithm.drift_lr_factor=2", "algorithm.drift_lr_min_scale=0.01",
+               "data.eval_interval=0"]
+    run_cli(["train", "configs/tiny_remix_ppo.yaml", *overrides(tiny_dir, straight, 4), *control])
+    run_cli(["train", "configs/tiny_remix_ppo.yaml", *overrides(tiny_dir, resumed, 2), *control])
+    run_cli(["train", "configs/tiny_remix_ppo.yaml", *overrides(tiny_dir, resumed, 4), *control])
+    a, b = ([r for r in metrics(run) if r["iteration"] > 0] for run in (straight, resumed))
+    lr = load_config("configs/tiny_remix_ppo.yaml").actor_optimizer.lr
+    assert a[0]["drift/tv_prev_fresh"] == 0.0 and all(r["drift/tv_prev_fresh"] > 1e-9 for r in a[1:])
+    assert [r["actor/lr"] for r in a] == pytest.approx([lr, lr / 2, lr / 4, lr / 8])
+    for key in ("actor/lr", "actor/pg_loss", "drift/tv_prev_fresh", "reward_mean"):
+        assert [r[key] for r in a] == [r[key] for r in b], key  # bitwise across the resume
 
 
 def test_tp2_pp2_config_matches_one_process(tiny_dir, tmp_path):

@@ -63,3 +63,16 @@ def test_replay_drift_by_age():
 ])
 def test_malformed(text, expected):
     assert malformed(text) is expected
+
+
+def test_drift_control_lr_trajectory_on_scripted_tv():
+    from remix_megatron.algorithms.drift import adapt_lr_scale
+
+    band = dict(low=0.005, high=0.01, factor=2.0, min_scale=0.1)
+    scale, trajectory = 1.0, []
+    for tv in (0.0, 0.02, 0.03, 0.007, 0.001, 0.02, 0.02, 0.02, 0.02, 0.0, 0.01, 0.005):
+        scale = adapt_lr_scale(scale, tv, **band)
+        trajectory.append(scale)
+    # never above 1; halved above 0.01; kept inside the band (its edges included); doubled below 0.005;
+    # floored at 0.1
+    assert trajectory == pytest.approx([1.0, 0.5, 0.25, 0.25, 0.5, 0.25, 0.125, 0.1, 0.1, 0.2, 0.2, 0.2])
