@@ -23,6 +23,7 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence, Union
 
@@ -262,7 +263,12 @@ def load_checkpoint(root: str | os.PathLike, models: Mapping[str, Model], state:
     check_dist_metadata(directory / "dist")
     sharded = _sharded_state(models, is_loading=True, with_optimizer=load_optimizer)
     try:
-        loaded = dist_checkpointing.load(sharded, str(directory / "dist"))
+        with warnings.catch_warnings():
+            # megatron-core 0.16.1's torch_dist loader calls torch's deprecated load_state_dict and builds
+            # ShardedTensors: two FutureWarnings on every load that no caller can act on (megatron's to fix)
+            warnings.filterwarnings("ignore", category=FutureWarning, message=r"`load_state_dict` is deprecated")
+            warnings.filterwarnings("ignore", category=FutureWarning, message=r"Please use DTensor instead")
+            loaded = dist_checkpointing.load(sharded, str(directory / "dist"))
     except Exception as error:  # megatron raises several types; keep the cause, name the checkpoint
         raise CheckpointError(f"cannot load {directory / 'dist'} into this model: {error}") from error
     for name, model in models.items():

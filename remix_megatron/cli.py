@@ -10,6 +10,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from remix_megatron import __version__
 from remix_megatron.config import MODEL_PRESETS, ConfigError, load_config, reference_yaml, save_config, to_yaml
 from remix_megatron.evaluation import command as evaluation_command
 
@@ -20,12 +21,12 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                                                      "among the options)")
 
 
-def _world_size(text: str) -> int:
-    """argparse type of --world-size: a positive rank count."""
+def _positive_int(text: str) -> int:
+    """argparse type of --world-size and --keep-last: a positive count."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of ranks") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be >= 1")
     return value
@@ -165,6 +166,8 @@ def _cmd_store(args: argparse.Namespace) -> int:
                 print(f"PROBLEM: {problem}")
             print(f"{len(store.iterations())} iterations checked, {len(problems)} problems")
             return 1 if problems else 0
+        if args.keep_last is None:
+            raise ConfigError("store prune needs --keep-last N: the newest N iterations stay, older ones are deleted")
         removed = store.prune(args.keep_last)
         print(f"removed {len(removed)} iterations" + (f": {removed[0]}..{removed[-1]}" if removed else ""))
         return 0
@@ -211,16 +214,18 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
     import json
     import logging
 
-    from remix_megatron.data.tiny import build_tiny_model
+    from remix_megatron.data.tiny import build_tiny_model, tiny_model_dir
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress goes to stderr
+    cached = not args.force and (tiny_model_dir(args.out) / "BUILD.json").is_file()
     path = build_tiny_model(args.out, force=args.force)
     if args.path_only:
         print(path)
         return 0
     build = json.loads((path / "BUILD.json").read_text())
+    how = f"found in the cache (built earlier in {build['build_s']} s)" if cached else f"built in {build['build_s']} s"
     print(f"tiny model: {path} ({build['parameters']} parameters, held-out accuracy "
-          f"{build['heldout_accuracy']:.3f} after {build['sft_steps']} SFT steps, built in {build['build_s']} s)")
+          f"{build['heldout_accuracy']:.3f} after {build['sft_steps']} SFT steps, {how})")
     return 0
 
 
@@ -237,8 +242,25 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    from remix_megatron.glossary import entry, format_glossary
+
+    if not args.check:
+        print(format_glossary())
+        return 0
+    from remix_megatron.metrics_log import read_history
+
+    keys = sorted({key for record in read_history(args.check) for key in record})
+    unknown = [key for key in keys if entry(key) is None]
+    for key in unknown:
+        print(f"not in the glossary: {key}")
+    print(f"{len(keys)} keys in {args.check}/metrics.jsonl, {len(unknown)} without a glossary entry")
+    return 1 if unknown else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="remix-megatron", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train the actor and critic a few steps on a synthetic batch at the "
                                        "configured TP x PP x DP layout (run under torchrun for >1 process)")
@@ -253,14 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("action", choices=("reference", "show", "check"))
     config.add_argument("config", nargs="?", default=None, help="experiment YAML (show, check)")
     config.add_argument("overrides", nargs="*", help="dotted overrides")
-    config.add_argument("--world-size", type=_world_size, default=None,
+    config.add_argument("--world-size", type=_positive_int, default=None,
                         help="ranks to check the layout for (check; default: cluster.nodes x cluster.gpus_per_node, "
                              "else TP x PP)")
     config.set_defaults(func=_cmd_config)
     store = sub.add_parser("store", help="inspect, verify or prune a trajectory store")
     store.add_argument("action", choices=("inspect", "verify", "prune"))
     store.add_argument("root", help="the store directory")
-    store.add_argument("--keep-last", type=int, default=2, help="prune: iterations to keep")
+    store.add_argument("--keep-last", type=_positive_int, default=None, metavar="N",
+                       help="prune (required): the newest N iterations to keep")
     store.set_defaults(func=_cmd_store)
     convert = sub.add_parser("convert", help="HuggingFace <-> Megatron: from-hf CONFIG | to-hf CHECKPOINTS --out DIR "
                                              "| verify-hf CONFIG")
@@ -286,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     dryrun = sub.add_parser("dryrun", help="check a config's layout and memory per GPU for a world size, without "
                                            "GPUs or processes (exit 1 when it does not fit)")
     _add_config_args(dryrun)
-    dryrun.add_argument("--world-size", type=_world_size, default=None,
+    dryrun.add_argument("--world-size", type=_positive_int, default=None,
                         help="ranks to plan for (default: cluster.nodes x cluster.gpus_per_node, else TP x PP)")
     dryrun.add_argument("--gpu-memory-gib", type=float, default=None,
                         help="GPU memory to check against (default: cluster.gpu_memory_gib; 0 = no check)")
@@ -304,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", default=None, help="directory for the PNGs (default: the run directory; several runs: "
                                                   "runs/overlay)")
     plot.set_defaults(func=_cmd_plot)
+    metrics = sub.add_parser("metrics", help="what every metrics.jsonl key means, one line each")
+    metrics.add_argument("--check", default=None, metavar="RUN_DIR", help="list the keys of a run's metrics.jsonl "
+                                                                          "that the glossary lacks (exit 1 if any)")
+    metrics.set_defaults(func=_cmd_metrics)
     presets = sub.add_parser("presets", help="list model presets")
     presets.set_defaults(func=_cmd_presets)
     return parser

@@ -16,6 +16,7 @@ from remix_megatron.convert.hf import (
     TOKENIZER_FILES, ConversionError, HFWeights, MegatronFromHF, SafetensorsShardWriter, check_model_matches_hf,
     hf_config_from_model, hf_tensors,
 )
+from remix_megatron.convert.model_card import model_card
 from remix_megatron.models.sharding import iter_full_tensors, load_full_state_dict
 from remix_megatron.parallel import ParallelState
 
@@ -38,8 +39,8 @@ def export_hf(chunks: Sequence[torch.nn.Module], state: ParallelState, model: Mo
 
     Each pipeline stage's first TP/DP rank writes its own safetensors files while the TP group
     gathers one tensor at a time (peak extra memory: one full tensor plus a shard file's
-    worth); rank 0 then writes the index, config.json and (from ``source_hf_dir``) the
-    tokenizer files.
+    worth); rank 0 then writes the index, config.json, a README.md model card and (from
+    ``source_hf_dir``) the tokenizer files.
     """
     out = Path(out_dir)
     if state.rank == 0:
@@ -73,6 +74,8 @@ def export_hf(chunks: Sequence[torch.nn.Module], state: ParallelState, model: Mo
                     shutil.copyfile(source, out / file)
         config = hf_config_from_model(model, critic=critic, dtype=target_dtype, base=base)
         (out / "config.json").write_text(json.dumps(config, indent=1))
+        (out / "README.md").write_text(model_card(out, critic=critic, architecture=config["architectures"][0],
+                                                  dtype=config["dtype"], source=source_hf_dir and str(source_hf_dir)))
     dist.barrier()
     return out
 

@@ -127,6 +127,7 @@ def hf_config_from_model(model: ModelConfig, *, critic: bool, dtype: torch.dtype
                          base: Mapping | None = None) -> dict:
     """An HF ``config.json`` for ``model`` (starting from ``base``, the source model's, when known)."""
     model_type, actor_cls, critic_cls = ARCHITECTURES[model.family]
+    dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(dtype, "float32")
     config = dict(base or {})
     config.update(
         architectures=[critic_cls if critic else actor_cls], model_type=model_type,
@@ -135,10 +136,11 @@ def hf_config_from_model(model: ModelConfig, *, critic: bool, dtype: torch.dtype
         vocab_size=model.vocab_size, max_position_embeddings=model.max_position_embeddings,
         rope_theta=model.rotary_base, rms_norm_eps=model.norm_epsilon, hidden_act="silu",
         tie_word_embeddings=model.tie_word_embeddings and not critic,
-        torch_dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(dtype, "float32"),
+        torch_dtype=dtype_name,
         # transformers 5 reads the RoPE base from rope_parameters (an inherited one wins over a
         # top-level rope_theta), 4.x from rope_theta: both are written, and agree
         rope_parameters={"rope_type": "default", "rope_theta": model.rotary_base})
+    config["dtype"] = dtype_name  # transformers >= 4.56 reads "dtype" first: a base's "float32" must not stay
     config.pop("rope_scaling", None)  # unscaled (a scaled source is refused when it is read)
     if model.family == "llama":
         config.update(attention_bias=model.add_qkv_bias, mlp_bias=False)

@@ -54,7 +54,7 @@ class TinySettings:
     lr: float = 3e-3
     eval_every: int = 5  # accuracy climbs from 0 to ~0.5 within ~20 steps: often, then every step
     eval_size: int = 128
-    version: int = 3  # 3: <think>, </think>, \\boxed{ are single tokens
+    version: int = 4  # 3: <think>, </think>, \\boxed{ are single tokens; 4: no token_type_ids from the tokenizer
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -93,7 +93,8 @@ def make_tokenizer():
     inner.pre_tokenizer = pre_tokenizers.Split(Regex(f"{words}|."), "isolated")
     inner.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="<|pad|>", eos_token="<|end|>",
-                                        unk_token="<|pad|>", additional_special_tokens=list(SPECIAL_TOKENS[1:3]))
+                                        unk_token="<|pad|>", additional_special_tokens=list(SPECIAL_TOKENS[1:3]),
+                                        model_input_names=["input_ids", "attention_mask"])  # Qwen2 takes no token types
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -176,13 +177,18 @@ def _train(settings: TinySettings, model, tokenizer, heldout: list[dict]) -> tup
     return accuracy, step
 
 
+def tiny_model_dir(out_dir: str | os.PathLike | None = None, settings: TinySettings = TinySettings()) -> Path:
+    """Where ``build_tiny_model`` keeps (or finds) the model: ``out_dir``, else the cache by settings."""
+    return Path(out_dir) if out_dir else default_cache_dir() / f"tiny-arith-{settings.key()}"
+
+
 def build_tiny_model(out_dir: str | os.PathLike | None = None, settings: TinySettings = TinySettings(), *,
                      force: bool = False) -> Path:
     """Build (or reuse from the cache) the SFT-ed tiny arithmetic model; returns its HF directory."""
     import torch
     from transformers import Qwen2ForCausalLM
 
-    out = Path(out_dir) if out_dir else default_cache_dir() / f"tiny-arith-{settings.key()}"
+    out = tiny_model_dir(out_dir, settings)
     if (out / "BUILD.json").is_file() and not force:
         return out
     start = time.monotonic()

@@ -33,7 +33,7 @@ class EvalSettings:
     max_new_tokens: int = 8192
     context_limit: int = 0  # prompt + response tokens the model can take; 0 = no limit beyond max_new_tokens
     overlong: str = "drop"  # prompts over max_prompt_tokens: drop | truncate
-    limit: int = 0  # first N problems of each benchmark; 0 = all
+    limit: int = 0  # first N problems of each benchmark (before dropping overlong ones); 0 = all
     seed: int = 0
     problem_key: str = "problem"
     answer_key: str = "answer"
@@ -121,12 +121,13 @@ def evaluate_benchmarks(engine, tokenizer, grader, benchmarks: Sequence[Benchmar
     scores = []
     for benchmark in benchmarks:
         start = time.perf_counter()
-        source = PromptSource(load_records(benchmark.path), tokenizer, template=settings.template,
+        # the first ``limit`` problems only: the rest is neither tokenized nor counted as dropped / truncated
+        source = PromptSource(load_records(benchmark.path)[: settings.limit or None], tokenizer,
+                              template=settings.template,
                               max_prompt_tokens=settings.max_prompt_tokens, overlong=settings.overlong,
                               problem_key=settings.problem_key, answer_key=settings.answer_key,
                               id_key=settings.id_key, name=benchmark.name)
-        prompts = source.prompts[: settings.limit or None]
-        mine = prompts[dp_rank::dp_size]
+        mine = source.prompts[dp_rank::dp_size]
         rows: list[dict] = []
         if mine:
             budget = settings.max_new_tokens

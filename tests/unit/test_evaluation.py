@@ -174,3 +174,19 @@ def test_a_prompt_too_long_for_the_context_is_a_clear_error(tmp_path):
         evaluate_benchmarks(ScriptedEngine({}), CharTokenizer(), MathGrader(),
                             resolve_benchmarks([f"greedy={greedy}"], tmp_path),
                             EvalSettings(template="{problem}", context_limit=2))
+
+
+def test_limit_scores_and_reports_only_the_first_problems(tmp_path, caplog):
+    """--limit 2 of a set whose later problems are overlong: nothing is reported dropped or truncated
+    (the whole set was, before), and exactly the first 2 problems are scored."""
+    path = tmp_path / "set.jsonl"
+    path.write_text("".join(json.dumps({"id": f"g{i}", "problem": f"p{i}" + "x" * (40 * (i >= 2)), "answer": str(i)})
+                            + "\n" for i in range(4)))
+    script = {"p0": ["\\boxed{0}"], "p1": ["\\boxed{5}"]}
+    benchmark = resolve_benchmarks([f"set={path}"], tmp_path)
+    with caplog.at_level("WARNING"):
+        result = evaluate_benchmarks(ScriptedEngine(script), CharTokenizer(), MathGrader(), benchmark,
+                                     EvalSettings(template="{problem}", max_prompt_tokens=8, limit=2))
+    score = result.scores[0]
+    assert (score.problems, score.score, score.dropped_prompts) == (2, 0.5, 0)
+    assert "dropped" not in caplog.text
