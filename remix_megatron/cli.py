@@ -348,6 +348,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# Errors whose message names the file and the fix: printed as one line, not a traceback. Their
+# modules are heavy (torch) and imported only by the commands that raise them, so a class is
+# looked up only when its module is loaded: an instance cannot exist otherwise.
+ONE_LINE_ERRORS = (("remix_megatron.checkpoint", "CheckpointError"), ("remix_megatron.store.store", "StoreError"),
+                   ("remix_megatron.rollout.weight_sync", "LogprobMismatchError"))
+
+
+def _one_line_error(error: Exception) -> bool:
+    return any(isinstance(error, getattr(sys.modules[module], name))
+               for module, name in ONE_LINE_ERRORS if module in sys.modules)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -355,6 +367,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        if not _one_line_error(error):
+            raise
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

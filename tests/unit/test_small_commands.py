@@ -76,3 +76,26 @@ def test_tiny_tokenizer_gives_what_generate_takes():
                                          num_attention_heads=2, num_key_value_heads=1))
     out = model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
     assert out.shape == (1, inputs["input_ids"].shape[1] + 2)
+
+
+def test_checkpoint_and_store_errors_are_one_line(monkeypatch, capsys):
+    """A train/convert/evaluate run that stops on a named checkpoint or store error prints that
+    line, not a traceback; any other exception still propagates with its traceback."""
+    import argparse
+
+    from remix_megatron import cli
+    from remix_megatron.checkpoint import CheckpointError
+    from remix_megatron.store import StoreError
+
+    for error, shown in ((CheckpointError("ckpt/iter_0000002/.metadata: refused class os.system"),
+                          "error: CheckpointError: ckpt/iter_0000002/.metadata: refused class os.system"),
+                         (StoreError("store/INDEX.json lists iteration 1"),
+                          "error: StoreError: store/INDEX.json lists iteration 1")):
+        def fail(args, error=error):
+            raise error
+        monkeypatch.setattr(cli, "parse_args", lambda argv: argparse.Namespace(func=fail))
+        assert main(["train"]) == 1
+        assert capsys.readouterr().err.strip() == shown
+    monkeypatch.setattr(cli, "parse_args", lambda argv: argparse.Namespace(func=lambda args: 1 / 0))
+    with pytest.raises(ZeroDivisionError):
+        main(["train"])
