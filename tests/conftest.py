@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# Overrides for a run that evaluates nothing (the tiny configs evaluate by rollouts and by iterations).
+NO_EVAL = ("data.eval_interval=0", "data.eval_every_rollouts=0")
 
 
 def run_cli(args: list[str], *, nproc: int = 1, timeout_s: int = 300, env: dict | None = None

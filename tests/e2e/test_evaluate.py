@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import NO_EVAL, REPO, run_cli
 
 pytestmark = pytest.mark.e2e
 DATA = REPO.parent / "shared" / "data"
@@ -25,7 +25,7 @@ def trained(tmp_path_factory):
     tiny = build_tiny_model()
     run = tmp_path_factory.mktemp("run")
     run_cli(["train", "configs/tiny_remix_ppo.yaml", f"model.hf_path={tiny}", f"data.train_path={tiny}/train.jsonl",
-             "rollout.prompts_per_step=16", "data.eval_interval=0", "trainer.num_steps=1", "trainer.save_interval=1",
+             "rollout.prompts_per_step=16", *NO_EVAL, "trainer.num_steps=1", "trainer.save_interval=1",
              f"trainer.run_dir={run}"])
     base = load_file(str(tiny / "model.safetensors"))
     trained_weights = {k: v for f in (run / "hf_actor").glob("*.safetensors") for k, v in load_file(str(f)).items()}

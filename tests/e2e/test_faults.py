@@ -19,7 +19,7 @@ import pytest
 
 from remix_megatron.algorithms import rollout_cost
 from remix_megatron.config import load_config
-from tests.conftest import REPO
+from tests.conftest import NO_EVAL, REPO
 
 pytestmark = pytest.mark.e2e
 
@@ -34,7 +34,7 @@ def tiny_dir():
 def train_args(tiny: Path, run: Path, steps: int, *extra: str) -> list[str]:
     return ["train", "configs/tiny_remix_ppo.yaml", f"model.hf_path={tiny}", f"data.train_path={tiny}/train.jsonl",
             f"data.eval_path={tiny}/heldout.jsonl", "rollout.prompts_per_step=16", "data.eval_size=16",
-            "data.eval_interval=0", "actor_optimizer.lr_decay=constant", f"trainer.num_steps={steps}",
+            *NO_EVAL, "actor_optimizer.lr_decay=constant", f"trainer.num_steps={steps}",
             f"trainer.run_dir={run}", *extra]
 
 

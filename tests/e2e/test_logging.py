@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import NO_EVAL, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -20,7 +20,7 @@ def test_tensorboard_matches_jsonl_across_a_resume(tmp_path):
 
     tiny, run = build_tiny_model(), tmp_path / "run"
     args = ["train", "configs/tiny_remix_ppo.yaml", f"model.hf_path={tiny}", f"data.train_path={tiny}/train.jsonl",
-            "rollout.prompts_per_step=32", "data.eval_interval=0", "trainer.save_interval=1", "trainer.resume=true",
+            "rollout.prompts_per_step=32", *NO_EVAL, "trainer.save_interval=1", "trainer.resume=true",
             "trainer.loggers=[jsonl,tensorboard]", f"trainer.run_dir={run}"]
     first = run_cli([*args, "trainer.num_steps=2"]).stdout
     assert f"tensorboard event directory: {run / 'tensorboard'}" in first

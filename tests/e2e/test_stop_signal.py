@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import NO_EVAL, REPO, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -46,7 +46,7 @@ def test_a_signal_to_one_rank_checkpoints_and_stops_every_rank(tiny_dir, tmp_pat
     run = tmp_path / "run"
     args = ["train", "configs/tiny_remix_ppo.yaml", f"model.hf_path={tiny_dir}",
             f"data.train_path={tiny_dir}/train.jsonl",
-            "rollout.prompts_per_step=16", "data.eval_interval=0", "trainer.save_interval=0", "trainer.num_steps=200",
+            "rollout.prompts_per_step=16", *NO_EVAL, "trainer.save_interval=0", "trainer.num_steps=200",
             "trainer.resume=true", f"trainer.run_dir={run}"]  # save_interval=0: only the last (or stopping) iteration
     launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                                  "-m", "remix_megatron.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
@@ -85,7 +85,7 @@ def test_slurm_style_signal_to_every_process_of_the_step(tiny_dir, tmp_path):
         port = sock.getsockname()[1]
     run = tmp_path / "run"
     args = ["train", "configs/tiny_remix_ppo.yaml", f"model.hf_path={tiny_dir}",
-            f"data.train_path={tiny_dir}/train.jsonl", "rollout.prompts_per_step=16", "data.eval_interval=0",
+            f"data.train_path={tiny_dir}/train.jsonl", "rollout.prompts_per_step=16", *NO_EVAL,
             "trainer.save_interval=0", "trainer.num_steps=200", "trainer.resume=true", f"trainer.run_dir={run}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHON": sys.executable, "NNODES": "1",
            "NPROC_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RDZV_ID": f"stop-{os.getpid()}",

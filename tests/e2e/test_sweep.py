@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import NO_EVAL, REPO
 
 pytestmark = pytest.mark.e2e
 
@@ -35,7 +35,7 @@ def test_tiny_sweep_runs_and_aggregates(tmp_path):
         "name": "tiny", "config": "configs/tiny_remix_ppo.yaml", "out_dir": str(out),
         "grid": {"algorithm.off_policy_portion": [0.2, 0.4]},
         "overrides": [f"model.hf_path={tiny}", f"data.train_path={tiny}/train.jsonl", "rollout.prompts_per_step=32",
-                      "data.eval_interval=0", "trainer.num_steps=1", "trainer.save_interval=-1"],
+                      *NO_EVAL, "trainer.num_steps=1", "trainer.save_interval=-1"],
         "metrics": ["reward_mean", "response_length"]}))
     finished = out / "off_policy_portion-0.4"
     finished.mkdir(parents=True)
@@ -69,7 +69,7 @@ def test_failing_point_shows_its_own_error_and_log(tmp_path):
     path.write_text(yaml.safe_dump({
         "name": "bad", "config": "configs/tiny_remix_ppo.yaml", "out_dir": str(out),
         "grid": {"trainer.seed": [1]},
-        "overrides": [f"model.hf_path={tiny}", f"data.train_path={bad}", "data.eval_interval=0", "trainer.num_steps=1"]}))
+        "overrides": [f"model.hf_path={tiny}", f"data.train_path={bad}", *NO_EVAL, "trainer.num_steps=1"]}))
     result = subprocess.run([sys.executable, "-m", "remix_megatron.cli", "sweep", str(path)], cwd=REPO, text=True,
                             capture_output=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 1

@@ -10,7 +10,7 @@ import pytest
 
 from remix_megatron.algorithms import rollout_cost
 from remix_megatron.config import load_config
-from tests.conftest import REPO, run_cli
+from tests.conftest import NO_EVAL, REPO, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -71,7 +71,7 @@ def test_drift_control_adapts_the_lr_and_resumes_exactly(tiny_dir, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     control = ["actor_optimizer.lr_decay=constant", "algorithm.drift_control=true", "algorithm.drift_tv_low=0",
                "algorithm.drift_tv_high=1e-9", "algorithm.drift_lr_factor=2", "algorithm.drift_lr_min_scale=0.01",
-               "data.eval_interval=0"]
+               *NO_EVAL]
     run_cli(["train", "configs/tiny_remix_ppo.yaml", *overrides(tiny_dir, straight, 4), *control])
     run_cli(["train", "configs/tiny_remix_ppo.yaml", *overrides(tiny_dir, resumed, 2), *control])
     run_cli(["train", "configs/tiny_remix_ppo.yaml", *overrides(tiny_dir, resumed, 4), *control])
@@ -87,7 +87,7 @@ def test_tp2_pp2_config_matches_one_process(tiny_dir, tmp_path):
     """Iterations 1-3 (Mix phase, replay, reincarnation) at TP2 x PP2 on 4 processes: the first
     iteration's rollouts are identical and its losses equal (1e-5); the schedule is the same."""
     single, parallel = tmp_path / "single", tmp_path / "parallel"
-    common = lambda run: [*overrides(tiny_dir, run, 3), "data.eval_interval=0", "trainer.save_interval=-1"]  # noqa
+    common = lambda run: [*overrides(tiny_dir, run, 3), *NO_EVAL, "trainer.save_interval=-1"]  # noqa
     run_cli(["train", "configs/tiny_remix_ppo.yaml", *common(single)])
     run_cli(["train", "configs/tiny_remix_ppo_tp2pp2.yaml", *common(parallel)], nproc=4)
     by_iteration = lambda run: {r["iteration"]: r for r in metrics(run)}  # noqa: E731 (no eval: no iteration 0)
@@ -154,7 +154,7 @@ def test_controls_no_update_and_shuffled_rewards(tiny_dir, tmp_path):
 
     shuffled = tmp_path / "shuffled"
     run_cli(["train", "configs/tiny_remix_ppo.yaml", *overrides(tiny_dir, shuffled, 1), "trainer.save_interval=-1",
-             "data.eval_interval=0", "trainer.control=shuffled_rewards"])
+             *NO_EVAL, "trainer.control=shuffled_rewards"])
     records = open_store(shuffled / "store").read_iteration(1)
     tokenizer = load_tokenizer(tiny_dir)
     answers = {json.loads(line)["id"]: json.loads(line)["answer"]

@@ -14,7 +14,7 @@ import yaml
 from remix_megatron.cli import main
 from remix_megatron.config import ConfigError
 from remix_megatron.sweep import LAUNCH_DIR, expand, load_sweep
-from tests.conftest import REPO
+from tests.conftest import NO_EVAL, REPO
 
 pytestmark = pytest.mark.unit
 
@@ -34,7 +34,7 @@ def sweep_file(tmp_path: Path, **fields) -> Path:
 
 def test_grid_expands_in_order_with_validated_configs(tmp_path):
     spec = load_sweep(sweep_file(tmp_path, overrides=["trainer.num_steps=7"]))
-    points = expand(spec, ["data.eval_interval=0"])
+    points = expand(spec, [*NO_EVAL])
     assert [p.name for p in points] == ["off_policy_portion-0.2_utd-1", "off_policy_portion-0.2_utd-2",
                                         "off_policy_portion-0.4_utd-1", "off_policy_portion-0.4_utd-2"]
     last = points[-1]

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import run_cli
+from tests.conftest import NO_EVAL, run_cli
 
 pytestmark = pytest.mark.vllm
 ENGINE = ["rollout.engine=vllm", "rollout.engine_dtype=float32", "rollout.cpu_kv_cache_gb=0.25"]
@@ -28,7 +28,7 @@ def tiny():
 def test_train_with_vllm_exports_the_trained_actor(tiny, tmp_path, tp):
     run = tmp_path / "run"
     run_cli(["train", "configs/tiny_remix_ppo.yaml", f"model.hf_path={tiny}", f"data.train_path={tiny}/train.jsonl",
-             "rollout.prompts_per_step=16", "data.eval_interval=0", "trainer.num_steps=3", "trainer.save_interval=-1",
+             "rollout.prompts_per_step=16", *NO_EVAL, "trainer.num_steps=3", "trainer.save_interval=-1",
              f"parallel.tensor_parallel={tp}", f"trainer.run_dir={run}", *ENGINE], nproc=tp, timeout_s=840)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [1, 2, 3]
