@@ -70,6 +70,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except TrainingStopped as stopped:  # a signal (preemption, time limit): exit as that signal would
         if dist.get_rank() == 0:
             print(stopped, file=sys.stderr, flush=True)
+        # No rank exits before rank 0 has written its plots and said where the checkpoint is: torchrun
+        # ends the other workers as soon as one exits non-zero.
+        dist.barrier()
         destroy_parallel()
         return 128 + stopped.signum
     if dist.get_rank() == 0:

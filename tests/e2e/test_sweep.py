@@ -46,8 +46,8 @@ def test_tiny_sweep_runs_and_aggregates(tmp_path):
     with open(out / "summary.csv") as handle:
         rows = {row["point"]: row for row in csv.DictReader(handle)}
     ran = rows["off_policy_portion-0.2"]
-    # fresh prompts of the first iteration (nothing to replay yet): floor((1 - 0.2) * 32 / 8) * 8 = 24
-    assert ran["rollouts_total"] == "24" and ran["iterations"] == "1"
+    # fresh prompts of the first iteration (nothing to replay yet): floor((1 - 0.2) * 32) = 25 (fresh_multiple_of 1)
+    assert ran["rollouts_total"] == "25" and ran["iterations"] == "1"
     assert 0.0 <= float(ran["reward_mean"]) <= 1.0 and float(ran["response_length"]) > 0
     assert rows["off_policy_portion-0.4"] == {"point": "off_policy_portion-0.4", "algorithm.off_policy_portion": "0.4",
                                               "iterations": "1", "rollouts_total": "16", "reward_mean": "0.25",
@@ -75,6 +75,7 @@ def test_failing_point_shows_its_own_error_and_log(tmp_path):
     assert result.returncode == 1
     log = out / "seed-1" / "sweep_point.log"
     assert result.stderr.strip().splitlines() == [
-        f"sweep error: sweep point seed-1 failed (exit 1): ValueError: {bad}:1: not valid JSON "
+        f"sweep error: sweep point seed-1 failed (exit 1): config error: training data ({bad}): {bad}:1: "
+        "not valid JSON "
         "(Expecting value: line 1 column 1 (char 0))", f"  its full output: {log}"]
     assert "ChildFailedError" in log.read_text()  # torchrun's report is kept in the log, not repeated as the error

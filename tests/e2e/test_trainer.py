@@ -107,7 +107,7 @@ def test_wandb_offline_plots_and_periodic_benchmarks(tiny_dir, tmp_path):
     out = run_cli(["train", "configs/tiny_remix_ppo.yaml", *overrides(tiny_dir, run, 2), "trainer.loggers=[wandb]",
                    "trainer.save_interval=-1", "data.eval_benchmarks=math500,aime24", "data.eval_benchmark_size=6",
                    f"data.benchmark_dir={data}", "data.overlong=truncate", "data.eval_samples=2",
-                   "trainer.global_batch_size=16", "actor_optimizer.lr_decay=linear",
+                   "trainer.global_batch_size=16", "actor_optimizer.lr=2e-4", "actor_optimizer.lr_decay=linear",
                    "actor_optimizer.min_lr_ratio=0.5"]).stdout
     assert "wandb (offline) run directory:" in out
     assert list((run / "wandb").glob("offline-run-*"))

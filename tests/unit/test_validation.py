@@ -143,10 +143,11 @@ def test_interpolation_is_refused_in_overrides(capsys):
 
 
 def test_reincarnation_after_the_last_step_is_a_warning(capsys, ready):
-    assert main(["config", "check", PPO, *ready, "trainer.num_steps=30"]) == 0  # T = 40 in the config
+    T40 = "algorithm.reincarnation_step=40"
+    assert main(["config", "check", PPO, *ready, T40, "trainer.num_steps=30"]) == 0
     out = capsys.readouterr().out
     assert ("warning: algorithm.reincarnation_step=40 > trainer.num_steps=30: this run never reincarnates" in out)
-    assert main(["config", "check", PPO, *ready, "trainer.num_steps=40"]) == 0
+    assert main(["config", "check", PPO, *ready, T40, "trainer.num_steps=40"]) == 0
     assert "warning" not in capsys.readouterr().out
 
 
