@@ -100,6 +100,21 @@ class FlatLikeLogprobs(Sequence):
 # ---- vLLM ----------------------------------------------------------------------------------
 
 
+
+def rank0_broadcast(monkeypatch) -> None:
+    """broadcast_object_list as a TP group sees it, called first as rank 0 then as another rank:
+    what rank 0 puts in the box, every later caller gets."""
+    shared = []
+
+    def broadcast(box, src, group):
+        if box[0] is None:
+            box[0] = shared[0]
+        else:
+            shared.append(box[0])
+
+    monkeypatch.setattr("torch.distributed.broadcast_object_list", broadcast)
+    monkeypatch.setattr("torch.distributed.get_global_rank", lambda group, rank: 0)
+
 def test_vllm_sampling_kwargs_map_every_field():
     params = SamplingParams(n=4, temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=32, stop_token_ids=(2, 7),
                             seed=11)
@@ -201,16 +216,7 @@ def test_sglang_failure_on_rank0_reaches_the_whole_tp_group(monkeypatch):
 
     with pytest.raises(ValueError, match="prompt too long"):
         _sglang_engine(1, Failing()).generate([[1, 2]], SamplingParams(max_new_tokens=4))
-    shared = []
-
-    def broadcast(box, src, group):  # the group's view: what rank 0 puts in the box, every rank gets
-        if box[0] is None:
-            box[0] = shared[0]
-        else:
-            shared.append(box[0])
-
-    monkeypatch.setattr("torch.distributed.broadcast_object_list", broadcast)
-    monkeypatch.setattr("torch.distributed.get_global_rank", lambda group, rank: 0)
+    rank0_broadcast(monkeypatch)
     for engine in (Failing(), None):  # rank 0 (owns the engine), then rank 1 (receives)
         with pytest.raises(RuntimeError, match="SGLang generation failed on TP rank 0: ValueError: prompt too long"):
             _sglang_engine(2, engine).generate([[1, 2]], SamplingParams(max_new_tokens=4))
@@ -300,16 +306,7 @@ def test_sglang_start_up_failure_reaches_the_whole_tp_group(monkeypatch):
     monkeypatch.setattr(sglang_engine, "import_engine_package",
                         lambda name, hint: types.SimpleNamespace(Engine=failing_engine))
     monkeypatch.setattr(sglang_engine.dist, "is_initialized", lambda: True)
-    shared = []
-
-    def broadcast(box, src, group):
-        if box[0] is None:
-            box[0] = shared[0]
-        else:
-            shared.append(box[0])
-
-    monkeypatch.setattr("torch.distributed.broadcast_object_list", broadcast)
-    monkeypatch.setattr("torch.distributed.get_global_rank", lambda group, rank: 0)
+    rank0_broadcast(monkeypatch)
     arguments = dict(hf_dir="x", tensor_parallel=2, tp_group=None, base_gpu_id=0, mem_fraction_static=0.5,
                      context_length=64, seed=0, bucket_bytes=1 << 20)
     for tp_rank in (0, 1):  # the engine's rank, then the one receiving its outcome
