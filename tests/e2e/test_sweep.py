@@ -53,7 +53,7 @@ def test_tiny_sweep_runs_and_aggregates(tmp_path):
                                               "iterations": "1", "rollouts_total": "16", "reward_mean": "0.25",
                                               "response_length": "30.0"}
     assert (out / "sweep.png").stat().st_size > 5000 and (out / "off_policy_portion-0.2" / "config.yaml").is_file()
-    assert "| off_policy_portion-0.2 | 0.2 | 1 | 24 |" in stdout
+    assert "| off_policy_portion-0.2 | 0.2 | 1 | 25 |" in stdout
 
 
 def test_failing_point_shows_its_own_error_and_log(tmp_path):
