@@ -63,7 +63,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from remix_megatron.parallel import destroy_parallel
-    from remix_megatron.trainer import TrainingStopped, train
+    from remix_megatron.stopping import TrainingStopped
+    from remix_megatron.trainer import train
 
     try:
         history = train(cfg)

@@ -101,6 +101,10 @@ class AdvantageInputs:
     behaviour_logprobs: torch.Tensor | None = None  # the generating policy's
     scores: torch.Tensor | None = None  # [batch] outcome per response (GRPO)
     group_ids: torch.Tensor | None = None  # [batch] prompt group (GRPO)
+    stored_advantages: torch.Tensor | None = None  # [batch] GRPO advantage in its own group at collection
+    # (advantages, mask) -> whitened: over these tokens by default; the trainer passes one over
+    # every data-parallel rank's tokens, so whitening does not depend on the DP split.
+    whitener: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -119,24 +123,31 @@ def _need(inputs: AdvantageInputs, estimator: str, *names: str) -> None:
         raise ValueError(f"advantage estimator {estimator!r} needs {', '.join(missing)}")
 
 
+def _whitened(advantages: torch.Tensor, inputs: AdvantageInputs, cfg: AlgorithmConfig) -> torch.Tensor:
+    if not cfg.whiten_advantages:
+        return advantages
+    return (inputs.whitener or whiten)(advantages, inputs.mask)
+
+
 def _gae_estimator(inputs: AdvantageInputs, cfg: AlgorithmConfig) -> AdvantageOutput:
     _need(inputs, "gae", "values")
     advantages, returns = gae(inputs.rewards, inputs.values, inputs.mask, gamma=cfg.gamma, lam=cfg.lam)
-    if cfg.whiten_advantages:
-        advantages = whiten(advantages, inputs.mask)
-    return AdvantageOutput(advantages=advantages, returns=returns)
+    return AdvantageOutput(advantages=_whitened(advantages, inputs, cfg), returns=returns)
 
 
 def _vtrace_gae_estimator(inputs: AdvantageInputs, cfg: AlgorithmConfig) -> AdvantageOutput:
     _need(inputs, "vtrace_gae", "values", "pik_logprobs", "behaviour_logprobs")
     advantages, targets = vtrace_gae(inputs.rewards, inputs.values, inputs.mask, inputs.pik_logprobs,
                                      inputs.behaviour_logprobs, gamma=cfg.gamma, lam=cfg.lam, c_bar=cfg.vtrace_c_bar)
-    if cfg.whiten_advantages:
-        advantages = whiten(advantages, inputs.mask)
-    return AdvantageOutput(advantages=advantages, returns=targets)
+    return AdvantageOutput(advantages=_whitened(advantages, inputs, cfg), returns=targets)
 
 
 def _grpo_estimator(inputs: AdvantageInputs, cfg: AlgorithmConfig) -> AdvantageOutput:
+    """Group-normalised outcomes in the batch's groups; ``grpo_replay_advantage: stored`` keeps
+    each sample's advantage from its own group at collection instead (not whitened either way)."""
+    if cfg.grpo_replay_advantage == "stored":
+        _need(inputs, "grpo", "stored_advantages")
+        return AdvantageOutput(advantages=inputs.stored_advantages.unsqueeze(-1) * inputs.mask, returns=None)
     _need(inputs, "grpo", "scores", "group_ids")
     advantages = grpo_advantages(inputs.scores, inputs.group_ids, inputs.mask, norm_std=cfg.grpo_norm_std,
                                  eps=cfg.grpo_eps)

@@ -1,5 +1,5 @@
 """torchrun worker for the skipped-forward test: a mixed batch (fresh, age 1, age 2) through
-``trainer._batch_forwards`` with and without reusing what is already known.
+``batching.batch_forwards`` with and without reusing what is already known.
 
 python -m torch.distributed.run --nproc_per_node N -m tests.distributed.forwards_worker TINY OUT [overrides]
 
@@ -14,10 +14,12 @@ import sys
 import numpy as np
 import torch
 
-from remix_megatron import trainer
+from remix_megatron import batching
+from remix_megatron.algorithms.megatron_adapter import forward_values
 from remix_megatron.config import load_config
 from remix_megatron.data import PromptSource, load_records
 from remix_megatron.parallel import destroy_parallel, init_parallel
+from remix_megatron.policies import build_models, copy_weights
 from remix_megatron.store import Trajectory
 
 
@@ -41,7 +43,9 @@ def records_for(prompts, iteration: int, seed: int) -> list[Trajectory]:
 
 
 def with_forwards(records, models, cfg, state, *, fake: int | None = None) -> list[Trajectory]:
-    behaviour, values = trainer._behaviour_and_values(records, models, cfg, state)
+    behaviour, values = batching.recompute_behaviour(records, actor=models.actor.chunks, critic=models.critic.chunks,
+                                                     micro_batch_size=cfg.trainer.micro_batch_size,
+                                                     seq_length=cfg.trainer.seq_length, state=state)
     if fake is not None:  # an older policy's numbers: anything but the current models'
         rng = np.random.default_rng(fake)
         behaviour = [-rng.random(b.size).astype(np.float32) for b in behaviour]
@@ -56,51 +60,53 @@ def main(tiny: str, out: str, *overrides: str) -> None:
     cfg = load_config("configs/tiny_remix_ppo.yaml", [f"model.hf_path={tiny}", f"data.train_path={tiny}/train.jsonl",
                                                       "trainer.micro_batch_size=4", *overrides])
     state = init_parallel(cfg)
-    models = trainer._build_models(cfg, state)
+    models = build_models(cfg, state, with_critic=True)
     from remix_megatron.data import load_tokenizer
 
     source = PromptSource(load_records(cfg.data.train_path)[:30], load_tokenizer(tiny),
                           template=cfg.data.template, max_prompt_tokens=cfg.rollout.max_prompt_tokens)
     prompts = source.prompts
     age1 = with_forwards(records_for(prompts[:10], 1, seed=1), models, cfg, state)  # pi_1, critic_1
-    trainer._copy_weights(models.actor.unwrapped(), models.prev)  # the loop's copy at iteration 1
+    copy_weights(models.actor.unwrapped(), models.prev)  # the loop's copy at iteration 1
     perturb(models.actor.chunks, seed=2)  # pi_2
     perturb(models.critic.chunks, seed=3)
     fresh = with_forwards(records_for(prompts[10:20], 2, seed=4), models, cfg, state)
     age2 = with_forwards(records_for(prompts[20:30], 0, seed=5), models, cfg, state, fake=6)
     order = np.random.default_rng(7).permutation(30)
     pool, ages = age1 + fresh + age2, np.array([1] * 10 + [0] * 10 + [2] * 10)
-    records, real = trainer._pad_rows([pool[i] for i in order], 4, minimum=32)
-    ages = torch.from_numpy(np.concatenate([ages[order], np.full(len(records) - real, ages[order][-1])]))
-    packed = trainer._pack(records, cfg.trainer.seq_length, pad_id=0, multiple=trainer._pack_multiple(state))
-    packed["mask"][real:] = 0.0
+    ages = np.array([1] * 10 + [0] * 10 + [2] * 10)
+    batch = batching.TrainingBatch.pack(2, pool, ages, seed=cfg.trainer.seed, micro_batch_size=4, global_batch_size=4,
+                                        seq_length=cfg.trainer.seq_length, state=state)
+    mask, ages = batch.rows.mask, batch.ages
+    assert batch.real == 30 and len(batch.records) == 32  # 8 steps of one micro-batch of 4
 
     forwarded_rows = []
-    counted = trainer.forward_logprobs
+    counted = batching.forward_logprobs
 
     def counting(chunks, batches, state):
         forwarded_rows.append(sum(b.tokens.size(0) for b in batches))
         return counted(chunks, batches, state)
 
-    trainer.forward_logprobs = counting
-    reused = trainer._batch_forwards(records, ages, packed, models, cfg, state)
+    batching.forward_logprobs = counting
+    run = dict(actor=models.actor.chunks, ref=models.ref, prev=models.prev, critic=models.critic.chunks,
+               micro_batch_size=4, state=state)
+    reused = batching.batch_forwards(batch, **run)
     rows_reused = sum(forwarded_rows)
     forwarded_rows.clear()
-    full = trainer._batch_forwards(records, ages, packed, models, cfg, state, reuse_known=False)
+    full = batching.batch_forwards(batch, **run, reuse_known=False)
     rows_full = sum(forwarded_rows)
-    mask = packed["mask"]
+    reused, full = [reused.pik, reused.ref, reused.prev, reused.values], [full.pik, full.ref, full.prev, full.values]
     result = {"rows_reused": rows_reused, "rows_full": rows_full,
               "max_gap": {name: float(((a - b) * mask).abs().max()) for name, a, b in zip(("pik", "ref", "prev", "values"),
                                                                                            reused, full)},
               "outside_mask": max(float((t * (1 - mask)).abs().max()) for t in reused),
-              "age2_differs": float(((reused[0] - packed["behaviour"]).abs() * mask)[ages == 2].max())}
+              "age2_differs": float(((reused[0] - batch.rows.behaviour).abs() * mask)[ages == 2].max())}
     # The critic's clip centre in the training batch is the current critic's value on every row
     # (on replayed rows not the stale value stored when they were generated).
-    from types import SimpleNamespace
-
-    _, critic_batches, _, _ = trainer._training_batches(
-        2, SimpleNamespace(trajectories=pool, ages=np.array([1] * 10 + [0] * 10 + [2] * 10)), cfg, state, models)
-    current = trainer.forward_values(models.critic.chunks, critic_batches, state)
+    forwards = batching.batch_forwards(batch, **run)
+    estimate = batching.estimate_advantages(batch, forwards, cfg.algorithm, state)
+    _, critic_batches = batching.training_micro_batches(batch, forwards, estimate, 4)
+    current = forward_values(models.critic.chunks, critic_batches, state)
     centre = torch.cat([b.critic.old_values for b in critic_batches])
     loss_mask = torch.cat([b.critic.loss_mask for b in critic_batches])
     result["centre_gap"] = float(((centre - current) * loss_mask).abs().max())

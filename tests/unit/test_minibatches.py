@@ -8,7 +8,7 @@ import torch
 
 from remix_megatron.algorithms import ActorLossInputs, kl_lambda
 from remix_megatron.algorithms.megatron_adapter import CriticTargets, MicroBatch
-from remix_megatron.trainer import _masked, _minibatches
+from remix_megatron.batching import masked, minibatches
 
 pytestmark = pytest.mark.unit
 
@@ -26,8 +26,8 @@ def micro_batch(index: int) -> MicroBatch:
 @pytest.mark.parametrize("count,steps", [(6, 2), (7, 3), (5, 1), (9, 4)])
 def test_groups_pad_with_silent_copies_and_keep_the_rows(count, steps):
     batches = [micro_batch(i) for i in range(count)]
-    plain = _minibatches(batches, steps, (0, 1, 2))
-    grouped = _minibatches(batches, steps, (0, 1, 2), group=2)
+    plain = minibatches(batches, steps, (0, 1, 2))
+    grouped = minibatches(batches, steps, (0, 1, 2), group=2)
     assert len(plain) == len(grouped) == steps
     assert sorted(int(b.tokens[0, 0]) for part in plain for b in part) == list(range(count))
     for real, padded in zip(plain, grouped):
@@ -44,7 +44,7 @@ def test_a_silent_micro_batch_adds_nothing_to_the_actor_loss():
     from remix_megatron.config import AlgorithmConfig
 
     cfg = AlgorithmConfig()
-    batch = _masked(micro_batch(3))
+    batch = masked(micro_batch(3))
     logprobs = -torch.rand(2, 5)
     result = actor_loss(logprobs, torch.rand(2, 5), batch.actor, cfg, kl_lambda=kl_lambda(1, cfg))
     assert float(result.numerator) == 0 and float(result.denominator) == 0
@@ -57,7 +57,7 @@ def test_grpo_groups_ignore_the_padding_copies():
 
     from remix_megatron.algorithms.advantages import grpo_advantages
     from remix_megatron.store import Trajectory
-    from remix_megatron.trainer import _group_outcomes, _pad_rows
+    from remix_megatron.batching import TrainingBatch, pad_rows
 
     def row(group: int, reward: float, length: int = 3) -> Trajectory:
         return Trajectory(iteration=4, prompt_id=f"p{group}", group_id=group, prompt_tokens=np.arange(2),
@@ -65,9 +65,10 @@ def test_grpo_groups_ignore_the_padding_copies():
                           finish_reason="stop")
 
     real_rows = [row(0, 1.0), row(0, 0.0), row(1, 1.0), row(1, 0.0, length=0), row(1, 0.0)]
-    padded, real = _pad_rows(real_rows, 4)
+    padded, real = pad_rows(real_rows, 4)
     assert real == 5 and len(padded) == 8
-    scores, groups = _group_outcomes(padded, real)
+    batch = TrainingBatch(records=padded, real=real, ages=torch.zeros(8, dtype=torch.long), rows=None, steps=1)
+    scores, groups = batch.group_outcomes()
     assert scores.tolist()[:5] == [1.0, 0.0, 1.0, 0.0, 0.0]  # the empty response keeps its reward
     got = grpo_advantages(scores, groups, torch.ones(8, 1), norm_std=True, eps=0.0)[:, 0]
     # by hand: group 0 {1, 0}: mean 1/2, std sqrt(1/2); group 1 {1, 0, 0}: mean 1/3, std sqrt(1/3)

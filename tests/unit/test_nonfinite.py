@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from remix_megatron import trainer
+from remix_megatron import updates
 from remix_megatron.models.optimizer import TrainableModel
 
 pytestmark = pytest.mark.unit
@@ -40,15 +40,15 @@ def test_step_skips_non_finite_gradients():
 
 
 def test_consecutive_skips_stop_with_a_clear_error(monkeypatch):
-    monkeypatch.setattr(trainer, "run_pipeline", lambda *a, **k: [])
-    monkeypatch.setattr(trainer, "reduce_metrics", lambda logs, state: {})
+    monkeypatch.setattr(updates, "run_pipeline", lambda *a, **k: [])
+    monkeypatch.setattr(updates, "reduce_metrics", lambda logs, state: {})
     state = types.SimpleNamespace(rank=1)
     counters: dict = {}
     good, bad = model_with_grad(1.0), model_with_grad(float("inf"))
-    trainer._update(bad, [[]], None, state, counters, 3, "actor")
-    trainer._update(good, [[]], None, state, counters, 3, "actor")  # a good step resets the count
-    trainer._update(bad, [[]], None, state, counters, 3, "actor")
-    trainer._update(bad, [[]], None, state, counters, 3, "actor")
-    with pytest.raises(trainer.NonFiniteLossError, match="3 actor optimizer steps in a row had NaN/inf gradients"):
-        trainer._update(bad, [[]], None, state, counters, 3, "actor")
+    updates.update(bad, [[]], None, state, counters, 3, "actor")
+    updates.update(good, [[]], None, state, counters, 3, "actor")  # a good step resets the count
+    updates.update(bad, [[]], None, state, counters, 3, "actor")
+    updates.update(bad, [[]], None, state, counters, 3, "actor")
+    with pytest.raises(updates.NonFiniteLossError, match="3 actor optimizer steps in a row had NaN/inf gradients"):
+        updates.update(bad, [[]], None, state, counters, 3, "actor")
     assert counters["skipped_total"] == 4

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from remix_megatron.trainer import StopRequest, TrainingStopped
+from remix_megatron.stopping import StopRequest, TrainingStopped
 
 pytestmark = pytest.mark.unit
 

@@ -128,8 +128,34 @@ def test_estimators_from_config():
     torch.testing.assert_close(out.returns, targets)
     plain = ADVANTAGE_ESTIMATORS.get("gae")(inputs, AlgorithmConfig(whiten_advantages=False))
     torch.testing.assert_close(plain.advantages, gae(rewards, values, mask, gamma=1.0, lam=1.0)[0])
-    assert ADVANTAGE_ESTIMATORS.get("grpo")(inputs, cfg).returns is None
+    recomputed = AlgorithmConfig(grpo_replay_advantage="recompute")
+    assert ADVANTAGE_ESTIMATORS.get("grpo")(inputs, recomputed).returns is None
+    torch.testing.assert_close(ADVANTAGE_ESTIMATORS.get("grpo")(inputs, recomputed).advantages,
+                               grpo_advantages(rewards.sum(-1), torch.arange(5) // 2, mask, norm_std=True, eps=1e-6))
     with pytest.raises(ValueError, match="'gae' needs values"):
         ADVANTAGE_ESTIMATORS.get("gae")(AdvantageInputs(rewards=rewards, mask=mask), cfg)
     with pytest.raises(ValueError, match="unknown advantage estimator 'vtrace'"):
         ADVANTAGE_ESTIMATORS.get("vtrace")
+
+
+def test_grpo_stored_advantages_and_the_callers_whitener():
+    """``grpo_replay_advantage: stored`` broadcasts each sample's stored advantage over its tokens
+    (needing it); a whitener passed in (the trainer's spans every DP rank) replaces the local one."""
+    rewards, values, mask, pik, behaviour = random_batch(4)
+    stored = torch.tensor([0.5, -1.0, 2.0, 0.0, 3.0], dtype=mask.dtype)
+    inputs = AdvantageInputs(rewards=rewards, mask=mask, scores=rewards.sum(-1), group_ids=torch.arange(5),
+                             stored_advantages=stored)
+    out = ADVANTAGE_ESTIMATORS.get("grpo")(inputs, AlgorithmConfig(grpo_replay_advantage="stored"))
+    torch.testing.assert_close(out.advantages, stored[:, None] * mask)
+    with pytest.raises(ValueError, match="'grpo' needs stored_advantages"):
+        ADVANTAGE_ESTIMATORS.get("grpo")(AdvantageInputs(rewards=rewards, mask=mask, scores=rewards.sum(-1),
+                                                         group_ids=torch.arange(5)),
+                                         AlgorithmConfig(grpo_replay_advantage="stored"))
+    calls = []
+    doubled = AdvantageInputs(rewards=rewards, mask=mask, values=values,
+                              whitener=lambda a, m: calls.append(1) or 2 * a)
+    raw = gae(rewards, values, mask, gamma=1.0, lam=1.0)[0]
+    torch.testing.assert_close(ADVANTAGE_ESTIMATORS.get("gae")(doubled, AlgorithmConfig()).advantages, 2 * raw)
+    assert calls == [1]
+    ADVANTAGE_ESTIMATORS.get("gae")(doubled, AlgorithmConfig(whiten_advantages=False))
+    assert calls == [1]  # not whitening: the whitener is not called

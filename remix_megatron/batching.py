@@ -1,0 +1,318 @@
+"""Trajectories into training tensors: packing, the mixed batch of one iteration, its forward
+passes, and the split into micro-batches and minibatches.
+
+One iteration's batch is packed once (``TrainingBatch.pack``): its rows are shuffled (so every
+minibatch mixes sample ages), padded with masked copies to whole micro-batches, and right-padded
+to a common width. The forward-only passes (``batch_forwards``) run on row subsets selected from
+that packing, never re-packed; ``micro_batches`` cuts the batch with its loss inputs for
+Megatron's schedules, and ``minibatches`` orders them into the optimizer steps of a UTD pass.
+
+Shapes: ``b`` rows, ``w`` positions (the longest row rounded up to ``multiple``, at most
+``trainer.seq_length``). Position ``t`` predicts ``labels[t] = tokens[t + 1]``: a response token
+at sequence position ``j`` is predicted at ``j - 1``, and that is where its loss mask, behaviour
+log-prob, stored value and (for the last one) reward go.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from remix_megatron.algorithms import ADVANTAGE_ESTIMATORS, ActorLossInputs, AdvantageInputs, AdvantageOutput
+from remix_megatron.algorithms.megatron_adapter import (
+    CriticTargets, MicroBatch, forward_logprobs, forward_values, split_micro_batches,
+)
+from remix_megatron.config import AlgorithmConfig
+from remix_megatron.parallel import ParallelState
+from remix_megatron.store import Trajectory
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """Right-padded ``[b, w]`` tensors of ``b`` trajectories (``lengths`` is ``[b]``)."""
+
+    tokens: torch.Tensor  # long: input token ids (pad 0)
+    labels: torch.Tensor  # long: the token emitted at each position
+    mask: torch.Tensor  # float: 1 on the response tokens that count (0 on padding rows)
+    behaviour: torch.Tensor  # float: the generating policy's log-probs (recomputed at collection)
+    collected_values: torch.Tensor  # float: the critic's values when the sample was collected (0 without one)
+    rewards: torch.Tensor  # float: the outcome, on the last response token
+    lengths: torch.Tensor  # long [b]: positions each row needs, prompt + response - 1, before any cut
+    seq_length: int  # the cap on the width (trainer.seq_length)
+    multiple: int  # widths are multiples of this
+
+    @property
+    def width(self) -> int:
+        return self.tokens.size(1)
+
+    def select(self, rows: Sequence[int]) -> "PackedRows":
+        """These rows (repeats allowed), at the width their own packing would have: equal to
+        ``pack`` of those records, so a forward on them computes exactly what it would there."""
+        index = torch.as_tensor(list(rows), dtype=torch.long)
+        lengths = self.lengths[index]
+        width = _width(int(lengths.max()) if len(index) else 1, self.seq_length, self.multiple)
+        cut = lambda t: t[index, :width].clone()  # noqa: E731
+        return PackedRows(tokens=cut(self.tokens), labels=cut(self.labels), mask=cut(self.mask),
+                          behaviour=cut(self.behaviour), collected_values=cut(self.collected_values),
+                          rewards=cut(self.rewards), lengths=lengths, seq_length=self.seq_length,
+                          multiple=self.multiple)
+
+    def micro_batches(self, size: int, *, actor: ActorLossInputs | None = None,
+                      critic: CriticTargets | None = None) -> list[MicroBatch]:
+        return split_micro_batches(self.tokens, self.labels, size, actor=actor, critic=critic)
+
+
+def _width(longest: int, seq_length: int, multiple: int) -> int:
+    return min(seq_length, -(-longest // multiple) * multiple)
+
+
+def pack(records: list[Trajectory], seq_length: int, *, pad_id: int = 0, multiple: int = 8) -> PackedRows:
+    """Right-padded rows of ``records``; the width is the longest record rounded up to ``multiple``,
+    at most ``seq_length``: a batch of short responses pays nothing for the longest possible one.
+    A response longer than the width is cut there (its reward goes on the last kept token)."""
+    b = len(records)
+    lengths = torch.tensor([r.prompt_tokens.size + r.response_length - 1 for r in records], dtype=torch.long)
+    width = _width(int(lengths.max()) if b else 1, seq_length, multiple)
+    tokens = torch.full((b, width + 1), pad_id, dtype=torch.long)
+    fields = {name: torch.zeros(b, width) for name in ("mask", "behaviour", "collected_values", "rewards")}
+    for row, record in enumerate(records):
+        sequence = np.concatenate([record.prompt_tokens, record.response_tokens])[: width + 1]
+        tokens[row, : sequence.size] = torch.from_numpy(sequence.astype(np.int64))
+        span = response_spans([record], width)[0]
+        kept = span.stop - span.start
+        if kept == 0:
+            continue
+        fields["mask"][row, span] = 1.0
+        fields["behaviour"][row, span] = torch.from_numpy(record.behaviour_logprobs[:kept])
+        if record.values is not None:
+            fields["collected_values"][row, span] = torch.from_numpy(record.values[:kept])
+        fields["rewards"][row, span.stop - 1] = record.reward
+    return PackedRows(tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(), lengths=lengths,
+                      seq_length=seq_length, multiple=multiple, **fields)
+
+
+def response_spans(records: list[Trajectory], width: int) -> list[slice]:
+    """Where each record's (kept) response tokens sit in a packed row of ``width`` positions."""
+    out = []
+    for record in records:
+        start = record.prompt_tokens.size - 1
+        out.append(slice(start, start + max(min(record.response_length, width - start), 0)))
+    return out
+
+
+def pack_multiple(state: ParallelState) -> int:
+    """Packed widths are multiples of 8 and of TP (sequence parallelism splits the sequence over TP)."""
+    return math.lcm(8, state.tensor_parallel)
+
+
+def micro_batch_group(state: ParallelState) -> int:
+    """Micro-batches per pipeline run come in multiples of this: with interleaving (VPP > 1)
+    Megatron's schedule takes only multiples of PP (and at least PP)."""
+    return state.pipeline_parallel if state.virtual_pipeline > 1 else 1
+
+
+def padded_count(real: int, multiple: int, minimum: int = 0) -> int:
+    """Rows after padding ``real`` up to a multiple of ``multiple``, and to at least ``minimum``."""
+    return max(real + (-real % multiple), minimum)
+
+
+def pad_rows(records: list, multiple: int, minimum: int = 0) -> tuple[list, int]:
+    """Repeat the last record until the count is a multiple, and at least ``minimum`` (the copies are masked out)."""
+    real = len(records)
+    return records + [records[-1]] * (padded_count(real, multiple, minimum) - real), real
+
+
+# ------------------------------------------------------------------------------ the mixed batch
+
+
+@dataclass(frozen=True)
+class TrainingBatch:
+    """One rank's mixed batch of iteration k, packed once.
+
+    Rows are the sampled trajectories in a seeded random order, then masked copies of the last
+    one (``rows.mask`` is 0 there) up to whole micro-batches and at least one micro-batch per
+    optimizer step."""
+
+    records: list[Trajectory]  # b, in row order (copies after ``real``)
+    real: int  # rows that are real samples
+    ages: torch.Tensor  # long [b]: iterations since each sample was generated (0 = fresh)
+    rows: PackedRows
+    steps: int  # optimizer steps per UTD pass (the all-rank batch in minibatches of global_batch_size)
+
+    @staticmethod
+    def pack(k: int, trajectories: list[Trajectory], ages: np.ndarray, *, seed: int, micro_batch_size: int,
+             global_batch_size: int, seq_length: int, state: ParallelState) -> "TrainingBatch":
+        steps = minibatch_steps(len(trajectories), global_batch_size, state)
+        order = np.random.default_rng([seed, k, state.dp_rank]).permutation(len(trajectories))
+        records, real = pad_rows([trajectories[i] for i in order], micro_batch_size,
+                                 minimum=steps * micro_batch_size)
+        shuffled = ages[order]
+        row_ages = torch.from_numpy(np.concatenate([shuffled, np.full(len(records) - real, shuffled[-1])]))
+        rows = pack(records, seq_length, multiple=pack_multiple(state))
+        rows.mask[real:] = 0.0
+        return TrainingBatch(records=records, real=real, ages=row_ages, rows=rows, steps=steps)
+
+    def group_outcomes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """GRPO's inputs, ``[b]``: each row's reward (the stored one: a response cut to nothing
+        still has it) and its group. A group is one prompt of one iteration: the key is
+        ``iteration * 1_000_000 + group_id`` (group ids count prompts within an iteration, far
+        below a million), so the same prompt drawn at two iterations forms two groups. The
+        padding copies get groups of their own (negative keys), so they do not enter the mean
+        and std of the group they copy."""
+        scores = torch.tensor([r.reward for r in self.records], dtype=torch.float64)
+        group_ids = torch.tensor([r.iteration * 1_000_000 + r.group_id if i < self.real else -1 - i
+                                  for i, r in enumerate(self.records)])
+        return scores, group_ids
+
+    def stored_advantages(self) -> torch.Tensor | None:
+        """``[b]`` the GRPO advantage each sample got in its own group at collection (None if not stored)."""
+        if any("grpo_advantage" not in r.extra for r in self.records):
+            return None
+        return torch.tensor([r.extra["grpo_advantage"] for r in self.records], dtype=torch.float32)
+
+
+def minibatch_steps(local_rows: int, global_batch_size: int, state: ParallelState) -> int:
+    """Optimizer steps per UTD pass: the whole (all-rank) batch in minibatches of ``global_batch_size``."""
+    total = torch.tensor([local_rows], dtype=torch.int64)
+    dist.all_reduce(total, group=state.dp_group)
+    return max(1, math.ceil(int(total.item()) / global_batch_size))
+
+
+@dataclass(frozen=True)
+class PolicyForwards:
+    """Forward-only results on a ``TrainingBatch``, ``[b, w]``, 0 outside the loss mask."""
+
+    pik: torch.Tensor  # pi_k (the actor as the iteration starts) on the sampled tokens
+    ref: torch.Tensor  # the reference policy
+    prev: torch.Tensor  # the precedent policy pi_{k-1}
+    values: torch.Tensor | None  # the critic's values as the iteration starts (None without a critic)
+
+
+def rows_forward(forward: Callable[[list[MicroBatch]], torch.Tensor], rows: PackedRows, needed: torch.Tensor,
+                 known: torch.Tensor, micro_batch_size: int, group: int) -> torch.Tensor:
+    """``known`` with the rows where ``needed`` replaced by ``forward`` of those rows only; 0
+    outside the mask. The needed rows are selected from the packing (same positions) and padded
+    to whole micro-batches (a multiple of ``group``); nothing runs when none is needed (rows
+    without loss tokens, the padding copies, never are)."""
+    mask = rows.mask
+    index = (needed & (mask.sum(-1) > 0)).nonzero().flatten().tolist()
+    out = known * mask
+    if not index:
+        return out
+    padded, real = pad_rows(index, micro_batch_size * group)
+    computed = forward(rows.select(padded).micro_batches(micro_batch_size)).cpu().float()
+    width = computed.size(1)
+    out[index, :width] = computed[:real] * mask[index, :width]
+    return out
+
+
+def batch_forwards(batch: TrainingBatch, *, actor: Sequence, ref: Sequence, prev: Sequence, critic: Sequence | None,
+                   micro_batch_size: int, state: ParallelState, reuse_known: bool = True) -> PolicyForwards:
+    """pi_k, reference and precedent log-probs and critic values on the batch (model chunks given).
+
+    Passes whose result is already known are skipped (``reuse_known``): pi_k on fresh rows is
+    their behaviour log-prob (pi_k generated them; w = 1 exactly); pi_{k-1} on rows of age 1 is
+    their behaviour log-prob too (pi_{k-1} generated them and ``prev`` holds pi_{k-1}); the
+    critic has not moved since it valued this iteration's fresh rows, so their values are the
+    collected ones. Only the reference runs on every row.
+    """
+    rows, ages = batch.rows, batch.ages
+    everything = torch.ones_like(ages, dtype=torch.bool)
+    replayed = ages > 0 if reuse_known else everything  # pi_k and the critic: fresh rows are known
+    not_age1 = ages != 1 if reuse_known else everything  # pi_{k-1}: age-1 rows are known
+    group = micro_batch_group(state)
+
+    def run(chunks, needed, known, values: bool = False):
+        if values:
+            forward = lambda micro: forward_values(chunks, micro, state)  # noqa: E731
+        else:
+            forward = lambda micro: forward_logprobs(chunks, micro, state)[0]  # noqa: E731
+        return rows_forward(forward, rows, needed, known, micro_batch_size, group)
+
+    return PolicyForwards(
+        pik=run(actor, replayed, rows.behaviour),
+        ref=run(ref, everything, torch.zeros_like(rows.mask)),
+        prev=run(prev, not_age1, rows.behaviour),
+        values=run(critic, replayed, rows.collected_values, values=True) if critic is not None else None)
+
+
+def recompute_behaviour(records: list[Trajectory], *, actor: Sequence, critic: Sequence | None,
+                        micro_batch_size: int, seq_length: int, state: ParallelState
+                        ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """The actor's log-probs (and the critic's values) on each record's kept response tokens."""
+    if not records:
+        return [], ([] if critic is not None else None)
+    padded, _ = pad_rows(records, micro_batch_size * micro_batch_group(state))
+    packed = pack(padded, seq_length, multiple=pack_multiple(state))
+    micro = packed.micro_batches(micro_batch_size)
+    logprobs, _ = forward_logprobs(actor, micro, state)
+    values = forward_values(critic, micro, state) if critic is not None else None
+    spans = response_spans(records, seq_length)
+    behaviour = [logprobs[i, span].cpu().numpy() for i, span in enumerate(spans)]
+    return behaviour, None if values is None else [values[i, span].cpu().numpy() for i, span in enumerate(spans)]
+
+
+# ------------------------------------------------------------------------------ micro-batches and minibatches
+
+
+def global_whiten(advantages: torch.Tensor, mask: torch.Tensor, state: ParallelState) -> torch.Tensor:
+    """Whiten over the valid tokens of the whole (all-DP) batch."""
+    stats = torch.stack([(advantages * mask).sum(), (advantages ** 2 * mask).sum(), mask.sum()]).double()
+    dist.all_reduce(stats, group=state.dp_group)
+    mean = stats[0] / stats[2].clamp(min=1)
+    var = (stats[1] / stats[2].clamp(min=1) - mean ** 2) * stats[2] / (stats[2] - 1).clamp(min=1)
+    return ((advantages - mean) / (var.clamp(min=0).sqrt() + 1e-8)).float() * mask
+
+
+def masked(batch: MicroBatch) -> MicroBatch:
+    """A copy of ``batch`` that contributes nothing: no loss tokens, so no loss, gradient,
+    token count or metric (padding for the interleaved schedule)."""
+    silent = lambda record: None if record is None else replace(record, loss_mask=torch.zeros_like(record.loss_mask))  # noqa: E731
+    return MicroBatch(tokens=batch.tokens, labels=batch.labels, actor=silent(batch.actor), critic=silent(batch.critic))
+
+
+def minibatches(micro_batches: list, steps: int, seed: Sequence[int], group: int = 1) -> list[list]:
+    """The micro-batches in a seeded random order, cut into ``steps`` nearly equal minibatches;
+    each is padded with masked copies to a multiple of ``group`` micro-batches (the same rows
+    train in each minibatch whatever the layout)."""
+    order = np.random.default_rng(list(seed)).permutation(len(micro_batches)) if steps > 1 else range(len(micro_batches))
+    shuffled = [micro_batches[i] for i in order]
+    bounds = np.linspace(0, len(shuffled), steps + 1).round().astype(int)
+    cut = [shuffled[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return [part + [masked(part[-1])] * (-len(part) % group) for part in cut]
+
+
+def estimate_advantages(batch: TrainingBatch, forwards: PolicyForwards, alg: AlgorithmConfig,
+                        state: ParallelState) -> AdvantageOutput:
+    """The configured estimator on the batch; whitening (where it applies) spans every DP rank."""
+    scores, group_ids = batch.group_outcomes()
+    rows = batch.rows
+    return ADVANTAGE_ESTIMATORS.get(alg.advantage_estimator)(AdvantageInputs(
+        rewards=rows.rewards, mask=rows.mask, values=forwards.values, pik_logprobs=forwards.pik,
+        behaviour_logprobs=rows.behaviour, scores=scores, group_ids=group_ids,
+        stored_advantages=batch.stored_advantages(),
+        whitener=lambda advantages, mask: global_whiten(advantages, mask, state)), alg)
+
+
+def training_micro_batches(batch: TrainingBatch, forwards: PolicyForwards, estimate: AdvantageOutput,
+                           micro_batch_size: int) -> tuple[list[MicroBatch], list[MicroBatch] | None]:
+    """The actor's micro-batches with their loss inputs, and the critic's (None without a critic)."""
+    rows = batch.rows
+    actor_inputs = ActorLossInputs(loss_mask=rows.mask, advantages=estimate.advantages.float(),
+                                   behaviour_logprobs=rows.behaviour, pik_logprobs=forwards.pik.float(),
+                                   ref_logprobs=forwards.ref.cpu().float(), prev_logprobs=forwards.prev.cpu().float(),
+                                   sample_age=batch.ages)
+    actor = rows.micro_batches(micro_batch_size, actor=actor_inputs)
+    if forwards.values is None or estimate.returns is None:
+        return actor, None
+    # The clip centre is the critic as this iteration starts (its trust region), on every row:
+    # for fresh rows that is their collected value; for replayed rows the value collected with
+    # them is up to N critics old, and a window around it can hold the loss on its clipped,
+    # gradient-free side while V-trace's targets come from the current critic.
+    targets = CriticTargets(loss_mask=rows.mask, old_values=forwards.values.float(), returns=estimate.returns.float())
+    return actor, rows.micro_batches(micro_batch_size, critic=targets)

@@ -1,0 +1,90 @@
+"""One iteration's rollout: pi_k's responses on the colocated engine, their rewards, the actor's
+recomputed behaviour log-probs (and the critic's values), as store records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from remix_megatron.algorithms.advantages import grpo_advantages
+from remix_megatron.algorithms.drift import malformed
+from remix_megatron.batching import recompute_behaviour
+from remix_megatron.config import ExperimentConfig
+from remix_megatron.evaluation import self_reflection
+from remix_megatron.parallel import ParallelState
+from remix_megatron.rollout.engine import SamplingParams
+from remix_megatron.rollout.weight_sync import logprob_gap
+from remix_megatron.store import Trajectory
+
+
+@dataclass
+class RolloutResult:
+    records: list[Trajectory]  # this DP rank's fresh trajectories
+    texts: list[str]
+    logprob_gap: float | None
+
+
+def response_budget(prompts, cfg: ExperimentConfig) -> int:
+    """New tokens that fit beside the longest prompt in a ``trainer.seq_length + 1`` sequence."""
+    longest = max(len(p.token_ids) for p in prompts)
+    return max(1, min(cfg.rollout.max_new_tokens, cfg.trainer.seq_length + 1 - longest))
+
+
+def collect(k: int, prompts, cfg: ExperimentConfig, state: ParallelState, engine, tokenizer, grader, *,
+            actor, critic, check_gap: bool) -> RolloutResult:
+    """Generate this DP rank's share of ``prompts`` with pi_k (``actor``/``critic``: model chunks),
+    score, recompute, build records (with each response's GRPO advantage in its own group)."""
+    mine = [(index, prompt) for index, prompt in enumerate(prompts) if index % state.data_parallel == state.dp_rank]
+    if not mine:
+        return RolloutResult(records=[], texts=[], logprob_gap=None)
+    params = SamplingParams(n=cfg.rollout.responses_per_prompt, temperature=cfg.rollout.temperature,
+                            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                            max_new_tokens=response_budget([p for _, p in mine], cfg),
+                            stop_token_ids=(tokenizer.eos_token_id,),
+                            seed=cfg.trainer.seed * 1_000_003 + k * 1009 + state.dp_rank)
+    generations = engine.generate([p.token_ids.tolist() for _, p in mine], params)
+    flat = [(index, prompt, g) for (index, prompt), gs in zip(mine, generations) for g in gs]
+    texts = [tokenizer.decode(g.token_ids, skip_special_tokens=True) for _, _, g in flat]
+    scores, _ = grader(texts, [prompt.answer for _, prompt, _ in flat])
+    if cfg.trainer.control == "shuffled_rewards":  # a control: rewards no longer follow the responses
+        scores = [scores[i] for i in np.random.default_rng([cfg.trainer.seed, k, state.dp_rank]).permutation(len(scores))]
+    drafts = [Trajectory(iteration=k, prompt_id=prompt.id, group_id=index, prompt_tokens=prompt.token_ids,
+                         response_tokens=g.token_ids, reward=score, behaviour_logprobs=np.zeros(len(g.token_ids)),
+                         finish_reason=g.finish_reason, extra={"grpo_advantage": 0.0})
+              for (index, prompt, g), score in zip(flat, scores)]
+    behaviour, values = recompute_behaviour(drafts, actor=actor, critic=critic,
+                                            micro_batch_size=cfg.trainer.micro_batch_size,
+                                            seq_length=cfg.trainer.seq_length, state=state)
+    group_advantage = grpo_advantages(torch.tensor([d.reward for d in drafts]), torch.tensor([d.group_id for d in drafts]),
+                                      torch.ones(len(drafts), 1), norm_std=cfg.algorithm.grpo_norm_std,
+                                      eps=cfg.algorithm.grpo_eps)[:, 0].tolist()
+    records = []
+    for draft, lp, value, advantage in zip(drafts, behaviour, values or [None] * len(drafts), group_advantage):
+        kept = lp.size  # responses longer than the sequence budget are cut (counted as 'length')
+        records.append(Trajectory(
+            iteration=k, prompt_id=draft.prompt_id, group_id=draft.group_id, prompt_tokens=draft.prompt_tokens,
+            response_tokens=draft.response_tokens[:kept], reward=draft.reward, behaviour_logprobs=lp,
+            finish_reason=draft.finish_reason if kept == draft.response_length else "length", values=value,
+            extra={"grpo_advantage": float(advantage)}))
+    gap = None
+    if check_gap:
+        engine_lp = [g.logprobs[: r.response_length] for (_, _, g), r in zip(flat, records) if g.logprobs is not None]
+        gap = logprob_gap(engine_lp, [r.behaviour_logprobs for r in records][: len(engine_lp)])
+    return RolloutResult(records=records, texts=texts, logprob_gap=gap)
+
+
+def rollout_stats(result: RolloutResult, state: ParallelState) -> dict[str, float]:
+    """The iteration's rollout metrics over every DP rank."""
+    records = result.records
+    local = torch.tensor([len(records), sum(r.reward for r in records), sum(r.response_length for r in records),
+                          sum(self_reflection(t) for t in result.texts),
+                          sum(r.finish_reason == "length" for r in records), sum(map(malformed, result.texts))],
+                         dtype=torch.float64)
+    dist.all_reduce(local, group=state.dp_group)
+    count = local[0].clamp(min=1)
+    return {"rollouts": int(local[0].item()), "reward_mean": (local[1] / count).item(),
+            "response_length": (local[2] / count).item(), "self_reflection_rate": (local[3] / count).item(),
+            "truncated_rate": (local[4] / count).item(), "drift/malformed_rate": (local[5] / count).item()}
