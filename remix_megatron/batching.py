@@ -188,8 +188,8 @@ class PolicyForwards:
     """Forward-only results on a ``TrainingBatch``, ``[b, w]``, 0 outside the loss mask."""
 
     pik: torch.Tensor  # pi_k (the actor as the iteration starts) on the sampled tokens
-    ref: torch.Tensor  # the reference policy
-    prev: torch.Tensor  # the precedent policy pi_{k-1}
+    ref: torch.Tensor | None  # the reference policy (None: not run, nothing uses it)
+    prev: torch.Tensor | None  # the precedent policy pi_{k-1} (None: not run)
     values: torch.Tensor | None  # the critic's values as the iteration starts (None without a critic)
 
 
@@ -211,9 +211,11 @@ def rows_forward(forward: Callable[[list[MicroBatch]], torch.Tensor], rows: Pack
     return out
 
 
-def batch_forwards(batch: TrainingBatch, *, actor: Sequence, ref: Sequence, prev: Sequence, critic: Sequence | None,
-                   micro_batch_size: int, state: ParallelState, reuse_known: bool = True) -> PolicyForwards:
-    """pi_k, reference and precedent log-probs and critic values on the batch (model chunks given).
+def batch_forwards(batch: TrainingBatch, *, actor: Sequence, ref: Sequence | None, prev: Sequence | None,
+                   critic: Sequence | None, micro_batch_size: int, state: ParallelState,
+                   reuse_known: bool = True) -> PolicyForwards:
+    """pi_k, reference and precedent log-probs and critic values on the batch (model chunks
+    given; a model passed as None is not run: its loss weight is 0 and no metric asks for it).
 
     Passes whose result is already known are skipped (``reuse_known``): pi_k on fresh rows is
     their behaviour log-prob (pi_k generated them; w = 1 exactly); pi_{k-1} on rows of age 1 is
@@ -236,8 +238,8 @@ def batch_forwards(batch: TrainingBatch, *, actor: Sequence, ref: Sequence, prev
 
     return PolicyForwards(
         pik=run(actor, replayed, rows.behaviour),
-        ref=run(ref, everything, torch.zeros_like(rows.mask)),
-        prev=run(prev, not_age1, rows.behaviour),
+        ref=run(ref, everything, torch.zeros_like(rows.mask)) if ref is not None else None,
+        prev=run(prev, not_age1, rows.behaviour) if prev is not None else None,
         values=run(critic, replayed, rows.collected_values, values=True) if critic is not None else None)
 
 
@@ -299,13 +301,17 @@ def estimate_advantages(batch: TrainingBatch, forwards: PolicyForwards, alg: Alg
         whitener=lambda advantages, mask: global_whiten(advantages, mask, state)), alg)
 
 
+def _fp32(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.cpu().float()
+
+
 def training_micro_batches(batch: TrainingBatch, forwards: PolicyForwards, estimate: AdvantageOutput,
                            micro_batch_size: int) -> tuple[list[MicroBatch], list[MicroBatch] | None]:
     """The actor's micro-batches with their loss inputs, and the critic's (None without a critic)."""
     rows = batch.rows
     actor_inputs = ActorLossInputs(loss_mask=rows.mask, advantages=estimate.advantages.float(),
                                    behaviour_logprobs=rows.behaviour, pik_logprobs=forwards.pik.float(),
-                                   ref_logprobs=forwards.ref.cpu().float(), prev_logprobs=forwards.prev.cpu().float(),
+                                   ref_logprobs=_fp32(forwards.ref), prev_logprobs=_fp32(forwards.prev),
                                    sample_age=batch.ages)
     actor = rows.micro_batches(micro_batch_size, actor=actor_inputs)
     if forwards.values is None or estimate.returns is None:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from remix_megatron.algorithms import evaluation_due, kl_lambda, learning_rate, phase
 from remix_megatron.algorithms.drift import adapt_lr_scale, fresh_drift, replay_drift
+from remix_megatron.algorithms.kl import kl_weights
 from remix_megatron.algorithms.megatron_adapter import actor_loss_builder, critic_loss_builder, reduce_metrics
 from remix_megatron.batching import (
     PolicyForwards, TrainingBatch, batch_forwards, estimate_advantages, training_micro_batches,
@@ -211,7 +212,8 @@ def _drift_metrics(batch: TrainingBatch, forwards: PolicyForwards, alg: Algorith
     """drift/* of the batch before its updates (see algorithms.drift), over every DP rank. On fresh rows
     prev is pi_{k-1} and pi_k is their behaviour log-prob; on replayed rows pi_k was computed."""
     rows = batch.rows
-    drift = {**fresh_drift(forwards.pik, forwards.prev, rows.mask, batch.ages),
+    fresh = fresh_drift(forwards.pik, forwards.prev, rows.mask, batch.ages) if forwards.prev is not None else {}
+    drift = {**fresh,
              **replay_drift(forwards.pik, rows.behaviour, rows.mask, batch.ages, max_age=alg.replay_window,
                             eps_low=alg.clip_eps_low, eps_high=alg.clip_eps_high)}
     return reduce_metrics([{"metrics": drift}], state)
@@ -256,7 +258,12 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
                                micro_batch_size=cfg.trainer.micro_batch_size,
                                global_batch_size=cfg.trainer.global_batch_size, seq_length=cfg.trainer.seq_length,
                                state=state)
-    forwards = batch_forwards(batch, actor=models.actor.chunks, ref=models.ref, prev=models.prev, critic=critic_chunks,
+    weight = kl_lambda(k, alg)
+    ref_weight, prev_weight = kl_weights(alg.kl_coef, alg.kl_convex, weight)
+    every = cfg.trainer.log_unused_kl  # else a pass whose loss weight is 0 is skipped (drift control needs prev)
+    forwards = batch_forwards(batch, actor=models.actor.chunks, ref=models.ref if ref_weight > 0 or every else None,
+                              prev=models.prev if prev_weight > 0 or every or alg.drift_control else None,
+                              critic=critic_chunks,
                               micro_batch_size=cfg.trainer.micro_batch_size, state=state)
     drift = _drift_metrics(batch, forwards, alg, state)
     copy_weights(models.actor.unwrapped(), models.prev)
@@ -265,7 +272,6 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
     lap("logprobs")
     # updates: the advantages and value targets are fixed for the iteration, so the actor and
     # the critic do not affect each other's updates; each runs all its UTD passes in one go
-    weight = kl_lambda(k, alg)
     _set_learning_rates(k, models, drift, cfg, counters)
     apply, limit = cfg.trainer.control != "no_update", cfg.trainer.max_skipped_steps
     seed = (cfg.trainer.seed, k)

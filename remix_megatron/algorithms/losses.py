@@ -32,8 +32,8 @@ class ActorLossInputs:
     advantages: torch.Tensor
     behaviour_logprobs: torch.Tensor  # the generating policy's (actor recomputed at collection)
     pik_logprobs: torch.Tensor  # pi_k at the start of this iteration (= behaviour for fresh samples)
-    ref_logprobs: torch.Tensor  # reference policy
-    prev_logprobs: torch.Tensor  # precedent policy pi_{k-1}
+    ref_logprobs: torch.Tensor | None  # reference policy (None: not computed, its KL weight is 0)
+    prev_logprobs: torch.Tensor | None  # precedent policy pi_{k-1} (None: not computed, weight 0)
     sample_age: torch.Tensor  # [batch] int, iterations since generation
 
 
@@ -55,7 +55,7 @@ def actor_loss(logprobs: torch.Tensor, entropy: torch.Tensor, inputs: ActorLossI
     kl, kl_ref, kl_prev = kl_convex(logprobs, inputs.ref_logprobs, inputs.prev_logprobs, kl_lambda=weight,
                                     estimator=cfg.kl_estimator)
     per_token = policy.loss - cfg.entropy_coef * entropy
-    if cfg.kl_coef > 0:
+    if cfg.kl_coef > 0 and kl is not None:
         per_token = per_token + cfg.kl_coef * kl
     numerator, denominator = aggregate(per_token, mask, cfg.loss_agg, norm_tokens=cfg.loss_agg_norm_tokens)
     metrics: dict[str, Metric] = {
@@ -65,14 +65,15 @@ def actor_loss(logprobs: torch.Tensor, entropy: torch.Tensor, inputs: ActorLossI
         "ratio_max": Max.of(policy.ratio, mask),
         "clip_centre_mean": Mean.of(policy.centre, mask),
         "entropy": Mean.of(entropy, mask),
-        "kl_ref": Mean.of(kl_ref, mask),
-        "kl_prev": Mean.of(kl_prev, mask),
         "kl_lambda": Mean(total=logprobs.new_tensor(float(weight)), count=logprobs.new_tensor(1.0)),
         "advantage_mean": Mean.of(inputs.advantages, mask),
         "advantage_max": Max.of(inputs.advantages, mask),
         "advantage_min": Min.of(inputs.advantages, mask),
         "response_length_mean": Mean(total=mask.sum(), count=(mask.sum(-1) > 0).sum().to(mask.dtype)),
     }
+    for name, value in (("kl_ref", kl_ref), ("kl_prev", kl_prev)):  # only what was computed
+        if value is not None:
+            metrics[name] = Mean.of(value, mask)
     for age in range(cfg.replay_window + 1):
         aged = mask * (inputs.sample_age == age).to(mask.dtype).unsqueeze(-1)
         metrics[f"ratio_mean/age{age}"] = Mean.of(policy.ratio, aged)

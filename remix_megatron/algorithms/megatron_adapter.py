@@ -53,10 +53,11 @@ class MicroBatch:
 
 
 def _map_record(record, function):
-    """Apply ``function`` to every tensor field of a record dataclass (None stays None)."""
+    """Apply ``function`` to every tensor field of a record dataclass (None stays None, also as a field)."""
     if record is None:
         return None
-    return type(record)(**{f.name: function(getattr(record, f.name)) for f in fields(record)})
+    return type(record)(**{f.name: None if getattr(record, f.name) is None else function(getattr(record, f.name))
+                           for f in fields(record)})
 
 
 def split_micro_batches(tokens: torch.Tensor, labels: torch.Tensor, size: int, *, actor: ActorLossInputs | None = None,

@@ -49,3 +49,29 @@ def test_kl_convex_mixes_by_lambda():
     assert only_ref.item() == pytest.approx(k3(lp, ref).item())
     with pytest.raises(ValueError, match="kl_lambda=1.5"):
         kl_convex(lp, ref, prev, kl_lambda=1.5)
+
+
+def test_kl_weights():
+    from remix_megatron.algorithms.kl import kl_weights
+
+    assert kl_weights(0.1, True, 0.75) == (0.1 * 0.75, 0.1 * 0.25)
+    assert kl_weights(0.1, False, 0.75) == (0.1, 0.0)  # KL-convex off: reference only
+    assert kl_weights(0.1, True, 1.0) == (0.1, 0.0) and kl_weights(0.0, True, 0.5) == (0.0, 0.0)
+
+
+def test_kl_convex_without_a_zero_weight_side_is_bitwise_the_same():
+    """A side of weight 0 may be left out (None): the sum is bitwise what it is with it, and
+    its own KL is None; leaving out a side that has weight is an error."""
+    gen = torch.Generator().manual_seed(0)
+    lp, ref, prev = (-torch.rand(4, 6, generator=gen) * 3 for _ in range(3))
+    both, _, _ = kl_convex(lp, ref, prev, kl_lambda=1.0)
+    no_prev, to_ref, to_prev = kl_convex(lp, ref, None, kl_lambda=1.0)
+    assert torch.equal(both, no_prev) and to_prev is None and to_ref is not None
+    both0, _, _ = kl_convex(lp, ref, prev, kl_lambda=0.0)
+    no_ref, to_ref, _ = kl_convex(lp, None, prev, kl_lambda=0.0)
+    assert torch.equal(both0, no_ref) and to_ref is None
+    assert kl_convex(lp, None, None, kl_lambda=0.5) == (None, None, None)
+    with pytest.raises(ValueError, match="KL to the precedent policy has weight > 0"):
+        kl_convex(lp, ref, None, kl_lambda=0.5)
+    with pytest.raises(ValueError, match="KL to the reference policy has weight > 0"):
+        kl_convex(lp, None, prev, kl_lambda=0.5)

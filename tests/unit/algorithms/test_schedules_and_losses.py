@@ -107,6 +107,16 @@ def test_kl_convex_off_and_kl_coef_zero():
     no_kl = actor_loss(current, entropy, inputs, AlgorithmConfig(kl_coef=0.0), kl_lambda=0.5)
     expected = direct_actor_loss(current, entropy, inputs, 0.5, beta=0.0)
     assert (no_kl.numerator / no_kl.denominator).item() == pytest.approx(expected.item(), rel=1e-12)
+    # passes not run (their weight is 0): the same loss, and no metric for them
+    from dataclasses import replace
+
+    skipped = actor_loss(current, entropy, replace(inputs, ref_logprobs=None, prev_logprobs=None),
+                         AlgorithmConfig(kl_coef=0.0), kl_lambda=0.5)
+    assert torch.equal(skipped.numerator, no_kl.numerator)
+    assert {"kl_ref", "kl_prev"} <= set(no_kl.metrics) and not {"kl_ref", "kl_prev"} & set(skipped.metrics)
+    no_prev = actor_loss(current, entropy, replace(inputs, prev_logprobs=None), AlgorithmConfig(kl_convex=False),
+                         kl_lambda=0.5)
+    assert torch.equal(no_prev.numerator, off.numerator) and "kl_prev" not in no_prev.metrics
 
 
 def test_actor_metrics_hand_computed():
