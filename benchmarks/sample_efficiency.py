@@ -113,6 +113,7 @@ def run_one(name: str, lr: float | None, seed: int, budget: int, every: int, tin
            "remix_megatron.cli", "train", config, f"model.hf_path={tiny}", f"data.train_path={tiny}/train.jsonl",
            f"data.eval_path={tiny}/heldout.jsonl", f"trainer.num_steps={steps}", f"trainer.seed={seed}",
            "data.eval_interval=0", f"data.eval_every_rollouts={every}", "data.eval_size=0", "trainer.save_interval=-1",
+           "trainer.log_unused_kl=true",  # every run logs KL to the precedent (drift), whatever its loss uses
            f"trainer.run_dir={run_dir}", *extra, *([f"actor_optimizer.lr={lr}"] if lr else [])]
     start = time.perf_counter()
     result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=True,
