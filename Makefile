@@ -9,6 +9,8 @@ VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_INSTALLED := $(VLLM_VENV)/.installed
 NPROC ?= 4
+# Extra key=value overrides for `make demo`, e.g. ARGS='trainer.num_steps=2' (the README test runs it so).
+ARGS ?=
 
 .PHONY: install demo smoke test test-unit test-distributed test-vllm reference-config clean
 
@@ -32,7 +34,7 @@ $(VLLM_INSTALLED): requirements-vllm.txt setup.py
 demo: $(INSTALLED)
 	tiny=$$($(PY) -m remix_megatron.cli tiny --path-only) && \
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=1 -m remix_megatron.cli train configs/tiny_remix_ppo.yaml \
-	    model.hf_path=$$tiny data.train_path=$$tiny/train.jsonl data.eval_path=$$tiny/heldout.jsonl
+	    model.hf_path=$$tiny data.train_path=$$tiny/train.jsonl data.eval_path=$$tiny/heldout.jsonl $(ARGS)
 
 # The parallel smoke test: actor + critic ReMix updates on a synthetic batch at TP2 x PP2.
 smoke: $(INSTALLED)

@@ -12,7 +12,7 @@
 # repository's .venv). torchrun forwards SIGUSR1 to the workers like SIGTERM (by default it
 # would die of it). Example, two nodes with 8 GPUs each, run on each node:
 #   NNODES=2 NODE_RANK=<0|1> MASTER_ADDR=node01 NPROC_PER_NODE=8 \
-#       launch/multinode.sh train configs/scale_32b_remix_ppo.yaml
+#       launch/multinode.sh train configs/scale_32b_remix_ppo.yaml model.hf_path=/path/to/hf
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 python="${PYTHON:-$repo/.venv/bin/python}"

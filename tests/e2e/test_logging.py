@@ -13,7 +13,6 @@ pytestmark = pytest.mark.e2e
 
 
 def test_tensorboard_matches_jsonl_across_a_resume(tmp_path):
-    pytest.importorskip("tensorboard", reason="trainer.loggers=[tensorboard] needs the tensorboard package")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from remix_megatron.data.tiny import build_tiny_model
