@@ -10,7 +10,7 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_INSTALLED := $(VLLM_VENV)/.installed
 NPROC ?= 4
 
-.PHONY: install demo smoke test test-unit test-distributed test-vllm reference-config clean
+.PHONY: install demo smoke lint test test-unit test-distributed test-vllm reference-config clean
 
 $(INSTALLED): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ smoke: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(PY) -m pytest
+
+# pyflakes and syntax errors, import order, lines <= 120 (ruff.toml); run by .ci/run before the tests.
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
 
 test-unit: $(INSTALLED)
 	$(PY) -m pytest -m unit

@@ -31,7 +31,7 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.2"],
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "ruff==0.17.6"],  # ruff: `make lint` (ruff.toml)
         "tensorboard": ["tensorboard>=2.14"],  # trainer.loggers: [tensorboard] (torch.utils.tensorboard needs it)
         # GPU only: never install on a CPU machine (transformer-engine's PyPI package raises on
         # import without CUDA, which breaks megatron-core's own imports).
