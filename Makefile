@@ -12,7 +12,7 @@ NPROC ?= 4
 # Extra key=value overrides for `make demo`, e.g. ARGS='trainer.num_steps=2' (the README test runs it so).
 ARGS ?=
 
-.PHONY: install demo smoke test test-unit test-distributed test-vllm reference-config clean
+.PHONY: install demo smoke lint test test-unit test-distributed test-vllm reference-config clean
 
 $(INSTALLED): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ smoke: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(PY) -m pytest
+
+# pyflakes and syntax errors, import order, lines <= 120 (ruff.toml); run by .ci/run before the tests.
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
 
 test-unit: $(INSTALLED)
 	$(PY) -m pytest -m unit

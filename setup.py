@@ -31,8 +31,9 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        # tensorboard too, so `make test` runs the TensorBoard logger's e2e test (its wheels pull no CUDA packages)
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "tensorboard>=2.14"],
+        # tensorboard too, so `make test` runs the TensorBoard logger's e2e test (its wheels pull no CUDA
+        # packages); ruff for `make lint` (ruff.toml)
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "tensorboard>=2.14", "ruff==0.17.6"],
         "tensorboard": ["tensorboard>=2.14"],  # trainer.loggers: [tensorboard] (torch.utils.tensorboard needs it)
         # GPU only: never install on a CPU machine (transformer-engine's PyPI package raises on
         # import without CUDA, which breaks megatron-core's own imports).

@@ -27,6 +27,7 @@ from remix_megatron.algorithms import ADVANTAGE_ESTIMATORS, ActorLossInputs, Adv
 from remix_megatron.algorithms.megatron_adapter import (
     CriticTargets, MicroBatch, forward_logprobs, forward_values, split_micro_batches,
 )
+from remix_megatron.algorithms.mismatch import MISMATCH_CORRECTIONS
 from remix_megatron.config import AlgorithmConfig
 from remix_megatron.parallel import ParallelState
 from remix_megatron.store import Trajectory
@@ -42,6 +43,7 @@ class PackedRows:
     behaviour: torch.Tensor  # float: the generating policy's log-probs (recomputed at collection)
     collected_values: torch.Tensor  # float: the critic's values when the sample was collected (0 without one)
     rewards: torch.Tensor  # float: the outcome, on the last response token
+    engine: torch.Tensor | None  # float: the engine's sampling log-probs (None unless every record has them)
     lengths: torch.Tensor  # long [b]: positions each row needs, prompt + response - 1, before any cut
     seq_length: int  # the cap on the width (trainer.seq_length)
     multiple: int  # widths are multiples of this
@@ -56,11 +58,11 @@ class PackedRows:
         index = torch.as_tensor(list(rows), dtype=torch.long)
         lengths = self.lengths[index]
         width = _width(int(lengths.max()) if len(index) else 1, self.seq_length, self.multiple)
-        cut = lambda t: t[index, :width].clone()  # noqa: E731
+        cut = lambda t: None if t is None else t[index, :width].clone()  # noqa: E731
         return PackedRows(tokens=cut(self.tokens), labels=cut(self.labels), mask=cut(self.mask),
                           behaviour=cut(self.behaviour), collected_values=cut(self.collected_values),
-                          rewards=cut(self.rewards), lengths=lengths, seq_length=self.seq_length,
-                          multiple=self.multiple)
+                          rewards=cut(self.rewards), engine=cut(self.engine), lengths=lengths,
+                          seq_length=self.seq_length, multiple=self.multiple)
 
     def micro_batches(self, size: int, *, actor: ActorLossInputs | None = None,
                       critic: CriticTargets | None = None) -> list[MicroBatch]:
@@ -79,7 +81,7 @@ def pack(records: list[Trajectory], seq_length: int, *, pad_id: int = 0, multipl
     lengths = torch.tensor([r.prompt_tokens.size + r.response_length - 1 for r in records], dtype=torch.long)
     width = _width(int(lengths.max()) if b else 1, seq_length, multiple)
     tokens = torch.full((b, width + 1), pad_id, dtype=torch.long)
-    fields = {name: torch.zeros(b, width) for name in ("mask", "behaviour", "collected_values", "rewards")}
+    fields = {name: torch.zeros(b, width) for name in ("mask", "behaviour", "collected_values", "rewards", "engine")}
     for row, record in enumerate(records):
         sequence = np.concatenate([record.prompt_tokens, record.response_tokens])[: width + 1]
         tokens[row, : sequence.size] = torch.from_numpy(sequence.astype(np.int64))
@@ -91,7 +93,11 @@ def pack(records: list[Trajectory], seq_length: int, *, pad_id: int = 0, multipl
         fields["behaviour"][row, span] = torch.from_numpy(record.behaviour_logprobs[:kept])
         if record.values is not None:
             fields["collected_values"][row, span] = torch.from_numpy(record.values[:kept])
+        if record.engine_logprobs is not None:
+            fields["engine"][row, span] = torch.from_numpy(record.engine_logprobs[:kept])
         fields["rewards"][row, span.stop - 1] = record.reward
+    if b == 0 or any(r.engine_logprobs is None for r in records):
+        fields["engine"] = None
     return PackedRows(tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(), lengths=lengths,
                       seq_length=seq_length, multiple=multiple, **fields)
 
@@ -305,14 +311,27 @@ def _fp32(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return None if tensor is None else tensor.cpu().float()
 
 
+def mismatch_weights(rows: PackedRows, alg: AlgorithmConfig) -> torch.Tensor | None:
+    """The per-token engine/trainer mismatch weights of ``algorithm.mismatch_correction`` (None: off)."""
+    if alg.mismatch_correction == "none":
+        return None
+    if rows.engine is None:
+        raise ValueError(f"algorithm.mismatch_correction={alg.mismatch_correction} needs the engine's sampling "
+                         "log-probs, and some trajectories of this batch have none (an engine that does not return "
+                         "them, or a store written before they were kept)")
+    weigh = MISMATCH_CORRECTIONS.get(alg.mismatch_correction)
+    return weigh(rows.behaviour, rows.engine, rows.mask, cap=alg.mismatch_cap, level=alg.mismatch_level)
+
+
 def training_micro_batches(batch: TrainingBatch, forwards: PolicyForwards, estimate: AdvantageOutput,
-                           micro_batch_size: int) -> tuple[list[MicroBatch], list[MicroBatch] | None]:
+                           micro_batch_size: int, alg: AlgorithmConfig
+                           ) -> tuple[list[MicroBatch], list[MicroBatch] | None]:
     """The actor's micro-batches with their loss inputs, and the critic's (None without a critic)."""
     rows = batch.rows
     actor_inputs = ActorLossInputs(loss_mask=rows.mask, advantages=estimate.advantages.float(),
                                    behaviour_logprobs=rows.behaviour, pik_logprobs=forwards.pik.float(),
                                    ref_logprobs=_fp32(forwards.ref), prev_logprobs=_fp32(forwards.prev),
-                                   sample_age=batch.ages)
+                                   sample_age=batch.ages, mismatch_weights=mismatch_weights(rows, alg))
     actor = rows.micro_batches(micro_batch_size, actor=actor_inputs)
     if forwards.values is None or estimate.returns is None:
         return actor, None

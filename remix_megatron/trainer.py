@@ -268,7 +268,8 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
     drift = _drift_metrics(batch, forwards, alg, state)
     copy_weights(models.actor.unwrapped(), models.prev)
     estimate = estimate_advantages(batch, forwards, alg, state)
-    actor_batches, critic_batches = training_micro_batches(batch, forwards, estimate, cfg.trainer.micro_batch_size)
+    actor_batches, critic_batches = training_micro_batches(batch, forwards, estimate, cfg.trainer.micro_batch_size,
+                                                           alg)
     lap("logprobs")
     # updates: the advantages and value targets are fixed for the iteration, so the actor and
     # the critic do not affect each other's updates; each runs all its UTD passes in one go

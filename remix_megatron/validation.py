@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from remix_megatron.algorithms import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, fresh_prompts
+from remix_megatron.algorithms.mismatch import MISMATCH_CORRECTIONS
 from remix_megatron.config import ConfigError, ExperimentConfig, layout_errors
 from remix_megatron.evaluation import config_benchmarks
 from remix_megatron.metrics_log import check_loggers
@@ -79,6 +80,8 @@ def _registered(cfg: ExperimentConfig) -> list[str]:
     checks = (("algorithm.policy_loss", POLICY_LOSSES.get, cfg.algorithm.policy_loss),
               ("algorithm.advantage_estimator", ADVANTAGE_ESTIMATORS.get, cfg.algorithm.advantage_estimator),
               ("data.reward", REWARDS.get, cfg.data.reward))
+    if cfg.algorithm.mismatch_correction != "none":
+        checks += (("algorithm.mismatch_correction", MISMATCH_CORRECTIONS.get, cfg.algorithm.mismatch_correction),)
     problems = []
     for key, lookup, name in checks:
         try:

@@ -35,6 +35,7 @@ class ActorLossInputs:
     ref_logprobs: torch.Tensor | None  # reference policy (None: not computed, its KL weight is 0)
     prev_logprobs: torch.Tensor | None  # precedent policy pi_{k-1} (None: not computed, weight 0)
     sample_age: torch.Tensor  # [batch] int, iterations since generation
+    mismatch_weights: torch.Tensor | None = None  # engine/trainer correction per token (see mismatch.py)
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,8 @@ def actor_loss(logprobs: torch.Tensor, entropy: torch.Tensor, inputs: ActorLossI
     weight = kl_lambda if cfg.kl_convex else 1.0
     kl, kl_ref, kl_prev = kl_convex(logprobs, inputs.ref_logprobs, inputs.prev_logprobs, kl_lambda=weight,
                                     estimator=cfg.kl_estimator)
-    per_token = policy.loss - cfg.entropy_coef * entropy
+    pg = policy.loss if inputs.mismatch_weights is None else policy.loss * inputs.mismatch_weights
+    per_token = pg - cfg.entropy_coef * entropy
     if cfg.kl_coef > 0 and kl is not None:
         per_token = per_token + cfg.kl_coef * kl
     numerator, denominator = aggregate(per_token, mask, cfg.loss_agg, norm_tokens=cfg.loss_agg_norm_tokens)
@@ -71,6 +73,9 @@ def actor_loss(logprobs: torch.Tensor, entropy: torch.Tensor, inputs: ActorLossI
         "advantage_min": Min.of(inputs.advantages, mask),
         "response_length_mean": Mean(total=mask.sum(), count=(mask.sum(-1) > 0).sum().to(mask.dtype)),
     }
+    if inputs.mismatch_weights is not None:
+        metrics["mismatch_weight_mean"] = Mean.of(inputs.mismatch_weights, mask)
+        metrics["mismatch_weight_zero_frac"] = Mean.of((inputs.mismatch_weights == 0).to(mask.dtype), mask)
     for name, value in (("kl_ref", kl_ref), ("kl_prev", kl_prev)):  # only what was computed
         if value is not None:
             metrics[name] = Mean.of(value, mask)

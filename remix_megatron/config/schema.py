@@ -267,6 +267,11 @@ class AlgorithmConfig:
     drift_tv_high: float = doc("drift_control: top of the per-token TV band", 0.01)
     drift_lr_factor: float = doc("drift_control: lr scale divided or multiplied by this outside the band", 1.5)
     drift_lr_min_scale: float = doc("drift_control: smallest lr scale", 0.05)
+    mismatch_correction: str = doc("engine/trainer mismatch: weight each token's policy loss by w = trainer "
+                                   "behaviour / engine sampling probability, tis (truncated at mismatch_cap) | mis "
+                                   "(masked outside [1/cap, cap]) | none", "none")
+    mismatch_level: str = doc("mismatch correction per token | per sequence (the response's product of w)", "token")
+    mismatch_cap: float = doc("mismatch correction: cap on w (tis) or bound of the kept band (mis), > 1", 2.0)
 
     def __post_init__(self) -> None:
         _require(self.clip_eps_low > 0 and self.clip_eps_high > 0,
@@ -279,6 +284,9 @@ class AlgorithmConfig:
                  "(e.g. the maximum response length)")
         _require_choice("algorithm.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         _require_choice("algorithm.grpo_replay_advantage", self.grpo_replay_advantage, GRPO_REPLAY_ADVANTAGES)
+        _require_choice("algorithm.mismatch_level", self.mismatch_level, ("token", "sequence"))
+        if self.mismatch_cap <= 1:
+            raise ConfigError(f"algorithm.mismatch_cap={self.mismatch_cap} must be > 1")
         for name in ("entropy_coef", "kl_coef", "kl_lambda_start", "kl_lambda_decay", "value_clip",
                      "replay_window", "reincarnation_step"):
             _require(getattr(self, name) >= 0, f"algorithm.{name}={getattr(self, name)} must be >= 0")

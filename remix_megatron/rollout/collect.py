@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from remix_megatron.algorithms.advantages import grpo_advantages
 from remix_megatron.algorithms.drift import malformed
+from remix_megatron.algorithms.mismatch import mismatch_sums
 from remix_megatron.batching import recompute_behaviour
 from remix_megatron.config import ExperimentConfig
 from remix_megatron.evaluation import self_reflection
@@ -62,13 +63,14 @@ def collect(k: int, prompts, cfg: ExperimentConfig, state: ParallelState, engine
                                       torch.ones(len(drafts), 1), norm_std=cfg.algorithm.grpo_norm_std,
                                       eps=cfg.algorithm.grpo_eps)[:, 0].tolist()
     records = []
-    for draft, lp, value, advantage in zip(drafts, behaviour, values or [None] * len(drafts), group_advantage):
+    for draft, lp, value, advantage, (_, _, g) in zip(drafts, behaviour, values or [None] * len(drafts),
+                                                      group_advantage, flat):
         kept = lp.size  # responses longer than the sequence budget are cut (counted as 'length')
         records.append(Trajectory(
             iteration=k, prompt_id=draft.prompt_id, group_id=draft.group_id, prompt_tokens=draft.prompt_tokens,
             response_tokens=draft.response_tokens[:kept], reward=draft.reward, behaviour_logprobs=lp,
             finish_reason=draft.finish_reason if kept == draft.response_length else "length", values=value,
-            extra={"grpo_advantage": float(advantage)}))
+            extra={"grpo_advantage": float(advantage)}, engine_logprobs=None if g.logprobs is None else g.logprobs[:kept]))
     gap = None
     if check_gap:
         engine_lp = [g.logprobs[: r.response_length] for (_, _, g), r in zip(flat, records) if g.logprobs is not None]
@@ -85,6 +87,25 @@ def rollout_stats(result: RolloutResult, state: ParallelState) -> dict[str, floa
                          dtype=torch.float64)
     dist.all_reduce(local, group=state.dp_group)
     count = local[0].clamp(min=1)
-    return {"rollouts": int(local[0].item()), "reward_mean": (local[1] / count).item(),
-            "response_length": (local[2] / count).item(), "self_reflection_rate": (local[3] / count).item(),
-            "truncated_rate": (local[4] / count).item(), "drift/malformed_rate": (local[5] / count).item()}
+    stats = {"rollouts": int(local[0].item()), "reward_mean": (local[1] / count).item(),
+             "response_length": (local[2] / count).item(), "self_reflection_rate": (local[3] / count).item(),
+             "truncated_rate": (local[4] / count).item(), "drift/malformed_rate": (local[5] / count).item()}
+    return {**stats, **_mismatch_stats(records, state)}
+
+
+def _mismatch_stats(records: list[Trajectory], state: ParallelState) -> dict[str, float]:
+    """mismatch/*: the engine's sampling log-probs against the trainer's behaviour ones on this
+    iteration's fresh tokens, over every DP rank (absent when the engine gives none)."""
+    have = torch.tensor([sum(r.engine_logprobs is not None for r in records), len(records)], dtype=torch.int64)
+    dist.all_reduce(have, group=state.dp_group)
+    if int(have[0]) == 0 or int(have[0]) != int(have[1]):
+        return {}
+    behaviour = torch.from_numpy(np.concatenate([r.behaviour_logprobs for r in records] or [np.zeros(0, np.float32)]))
+    engine = torch.from_numpy(np.concatenate([r.engine_logprobs for r in records] or [np.zeros(0, np.float32)]))
+    sums = mismatch_sums(behaviour.double(), engine.double(), torch.ones_like(behaviour, dtype=torch.float64))
+    peak = sums[2:3].clone()
+    dist.all_reduce(sums, group=state.dp_group)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=state.dp_group)
+    tokens = sums[0].clamp(min=1)
+    return {"mismatch/logprob_gap_mean": (sums[1] / tokens).item(), "mismatch/logprob_gap_max": peak.item(),
+            "mismatch/kl_engine_trainer": (sums[3] / tokens).item()}

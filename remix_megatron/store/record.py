@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: engine_logprobs
 FINISH_REASONS = ("stop", "length", "abort")
 EXTRA_PREFIX = "extra."
 
@@ -34,22 +34,28 @@ class Trajectory:
     finish_reason: str  # stop | length | abort
     values: np.ndarray | None = None  # float32 [response_len], critic values at collection (PPO)
     extra: Mapping[str, float] = field(default_factory=dict)
+    # float32 [response_len]: the engine's own log-probs of the sampled tokens, when it gives them
+    # (its numerics differ from the trainer's: dtype, kernels; see algorithms/mismatch.py)
+    engine_logprobs: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         as_array = lambda value, dtype: np.ascontiguousarray(value, dtype=dtype)  # noqa: E731
         object.__setattr__(self, "prompt_tokens", as_array(self.prompt_tokens, np.int32))
         object.__setattr__(self, "response_tokens", as_array(self.response_tokens, np.int32))
         object.__setattr__(self, "behaviour_logprobs", as_array(self.behaviour_logprobs, np.float32))
-        if self.values is not None:
-            object.__setattr__(self, "values", as_array(self.values, np.float32))
+        for name in ("values", "engine_logprobs"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, as_array(getattr(self, name), np.float32))
         n = self.response_tokens.size
         if self.iteration < 0:
             raise ValueError(f"trajectory {self.prompt_id!r}: iteration={self.iteration} must be >= 0")
         if self.behaviour_logprobs.size != n:
             raise ValueError(f"trajectory {self.prompt_id!r}: {self.behaviour_logprobs.size} behaviour log-probs "
                              f"for {n} response tokens")
-        if self.values is not None and self.values.size != n:
-            raise ValueError(f"trajectory {self.prompt_id!r}: {self.values.size} values for {n} response tokens")
+        for name in ("values", "engine_logprobs"):
+            array = getattr(self, name)
+            if array is not None and array.size != n:
+                raise ValueError(f"trajectory {self.prompt_id!r}: {array.size} {name} for {n} response tokens")
         if self.finish_reason not in FINISH_REASONS:
             raise ValueError(f"trajectory {self.prompt_id!r}: finish_reason={self.finish_reason!r} is not one of "
                              f"{', '.join(FINISH_REASONS)}")
@@ -64,10 +70,10 @@ class Trajectory:
         scalars = ("iteration", "prompt_id", "group_id", "reward", "finish_reason")
         if any(getattr(self, n) != getattr(other, n) for n in scalars) or dict(self.extra) != dict(other.extra):
             return False
-        if (self.values is None) != (other.values is None):
-            return False
-        if self.values is not None and not np.array_equal(self.values, other.values):
-            return False
+        for name in ("values", "engine_logprobs"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if (mine is None) != (theirs is None) or (mine is not None and not np.array_equal(mine, theirs)):
+                return False
         return all(np.array_equal(getattr(self, n), getattr(other, n)) for n in arrays)
 
 
@@ -83,6 +89,7 @@ def arrow_schema(extra_columns: Sequence[str]) -> pa.Schema:
         pa.field("behaviour_logprobs", pa.list_(pa.float32()), nullable=False),
         pa.field("values", pa.list_(pa.float32()), nullable=True),
         pa.field("finish_reason", pa.string(), nullable=False),
+        pa.field("engine_logprobs", pa.list_(pa.float32()), nullable=True),
     ] + [pa.field(EXTRA_PREFIX + name, pa.float64(), nullable=False) for name in extra_columns]
     metadata = {"remix.schema_version": str(SCHEMA_VERSION), "remix.extra_columns": json.dumps(list(extra_columns))}
     return pa.schema(fields, metadata=metadata)
@@ -96,6 +103,16 @@ def _list_array(arrays: Sequence[np.ndarray], dtype: pa.DataType, np_dtype) -> p
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=dtype))
 
 
+def _optional_column(records: Sequence[Trajectory], name: str) -> pa.Array:
+    """A per-token float column that every record of a shard has, or none (then all null)."""
+    have = [getattr(r, name) is not None for r in records]
+    if any(have) and not all(have):
+        raise ValueError(f"either every trajectory of a shard carries {name} or none does")
+    if all(have) and records:
+        return _list_array([getattr(r, name) for r in records], pa.float32(), np.float32)
+    return pa.nulls(len(records), pa.list_(pa.float32()))
+
+
 def to_table(records: Sequence[Trajectory], extra_columns: Sequence[str]) -> pa.Table:
     """Records -> an Arrow table of ``arrow_schema(extra_columns)``."""
     expected = set(extra_columns)
@@ -103,11 +120,7 @@ def to_table(records: Sequence[Trajectory], extra_columns: Sequence[str]) -> pa.
         if set(record.extra) != expected:
             raise ValueError(f"trajectory {record.prompt_id!r} has extra columns {sorted(record.extra)}; "
                              f"this store declares {sorted(expected)}")
-    have_values = [r.values is not None for r in records]
-    if any(have_values) and not all(have_values):
-        raise ValueError("either every trajectory of a shard carries values or none does")
-    values = (_list_array([r.values for r in records], pa.float32(), np.float32) if all(have_values) and records
-              else pa.nulls(len(records), pa.list_(pa.float32())))
+    values, engine = (_optional_column(records, name) for name in ("values", "engine_logprobs"))
     columns = [
         pa.array([r.iteration for r in records], pa.int64()),
         pa.array([r.prompt_id for r in records], pa.string()),
@@ -119,6 +132,7 @@ def to_table(records: Sequence[Trajectory], extra_columns: Sequence[str]) -> pa.
         _list_array([r.behaviour_logprobs for r in records], pa.float32(), np.float32),
         values,
         pa.array([r.finish_reason for r in records], pa.string()),
+        engine,
     ] + [pa.array([r.extra[name] for r in records], pa.float64()) for name in extra_columns]
     return pa.Table.from_arrays(columns, schema=arrow_schema(extra_columns))
 
@@ -164,8 +178,10 @@ def from_table(table: pa.Table, extra_columns: Sequence[str], rows: Sequence[int
     responses, lengths = _split(table.column("response_tokens"), np.int32)
     logprobs, logprob_lengths = _split(table.column("behaviour_logprobs"), np.float32)
     values, value_lengths = _split(table.column("values"), np.float32)
+    engine, engine_lengths = _split(table.column("engine_logprobs"), np.float32)
     stated = table.column("response_length").to_numpy()
-    bad = (logprob_lengths != lengths) | ((value_lengths != lengths) & (value_lengths != -1)) | (stated != lengths)
+    bad = ((logprob_lengths != lengths) | ((value_lengths != lengths) & (value_lengths != -1))
+           | ((engine_lengths != lengths) & (engine_lengths != -1)) | (stated != lengths))
     if bad.any():
         row = int(np.argmax(bad))
         raise ValueError(f"row {row} ({plain['prompt_id'][row]!r}): {lengths[row]} response tokens, "
@@ -179,5 +195,6 @@ def from_table(table: pa.Table, extra_columns: Sequence[str], rows: Sequence[int
     return [_record(iteration=plain["iteration"][i], prompt_id=plain["prompt_id"][i], group_id=plain["group_id"][i],
                     prompt_tokens=own(prompts[i]), response_tokens=own(responses[i]), reward=plain["reward"][i],
                     behaviour_logprobs=own(logprobs[i]), finish_reason=plain["finish_reason"][i],
-                    values=own(values[i]), extra={name: extras[name][i] for name in extra_columns})
+                    values=own(values[i]), extra={name: extras[name][i] for name in extra_columns},
+                    engine_logprobs=own(engine[i]))
             for i in picked]

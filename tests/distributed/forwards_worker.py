@@ -105,7 +105,7 @@ def main(tiny: str, out: str, *overrides: str) -> None:
     # (on replayed rows not the stale value stored when they were generated).
     forwards = batching.batch_forwards(batch, **run)
     estimate = batching.estimate_advantages(batch, forwards, cfg.algorithm, state)
-    _, critic_batches = batching.training_micro_batches(batch, forwards, estimate, 4)
+    _, critic_batches = batching.training_micro_batches(batch, forwards, estimate, 4, cfg.algorithm)
     current = forward_values(models.critic.chunks, critic_batches, state)
     centre = torch.cat([b.critic.old_values for b in critic_batches])
     loss_mask = torch.cat([b.critic.loss_mask for b in critic_batches])

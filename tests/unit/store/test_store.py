@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from remix_megatron.store import StoreError, Trajectory, open_store
+from remix_megatron.store import SCHEMA_VERSION, StoreError, Trajectory, open_store
 from tests.unit.store.helpers import make_records, same_records
 
 pytestmark = pytest.mark.unit
@@ -27,6 +27,25 @@ def test_round_trip_every_field(tmp_path):
     assert same_records(store.read_shard(3, 1), records[20:])
     reopened = open_store(tmp_path / "s")
     assert reopened.extra_columns == ("grpo_advantage",) and reopened.iterations() == [3]
+
+
+def test_engine_logprobs_round_trip_beside_the_behaviour_ones(tmp_path):
+    """The engine's sampling log-probs are stored per token beside the trainer's (or not at all)."""
+    from dataclasses import replace
+
+    store = open_store(tmp_path / "s", create=True)
+    records = make_records(1, 12)
+    with_engine = [replace(r, engine_logprobs=r.behaviour_logprobs - 0.25) for r in records]
+    store.write_shard(1, 0, with_engine)
+    store.write_shard(1, 1, records)  # an engine without log-probs: the column is null
+    store.publish(1, num_writers=2)
+    back = store.read_shard(1, 0)
+    assert same_records(back, with_engine) and not same_records(back, records)
+    for record in back:
+        np.testing.assert_array_equal(record.engine_logprobs, record.behaviour_logprobs - 0.25)
+    assert all(r.engine_logprobs is None for r in store.read_shard(1, 1))
+    with pytest.raises(ValueError, match="every trajectory of a shard carries engine_logprobs or none"):
+        open_store(tmp_path / "o", create=True).write_shard(1, 0, with_engine[:3] + records[3:])
 
 
 def test_page_cache_hints(tmp_path, monkeypatch):
@@ -71,6 +90,8 @@ def test_record_validation():
         Trajectory(**{**good, "behaviour_logprobs": [-1.0]})
     with pytest.raises(ValueError, match="3 values for 2 response tokens"):
         Trajectory(**good, values=[0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="1 engine_logprobs for 2 response tokens"):
+        Trajectory(**good, engine_logprobs=[-1.0])
     with pytest.raises(ValueError, match="finish_reason='eos'"):
         Trajectory(**{**good, "finish_reason": "eos"})
 
@@ -214,7 +235,7 @@ def test_schema_mismatch_and_bad_manifest_are_named(tmp_path):
     other = open_store(tmp_path / "other", create=True, extra_columns=["x"])
     other.write_shard(0, 0, make_records(0, 3, extra=("x",)))
     shard.write_bytes(other.shard_path(0, 0).read_bytes())
-    with pytest.raises(StoreError, match=f"{shard}: schema version 1 with extra columns \\['x'\\]"):
+    with pytest.raises(StoreError, match=f"{shard}: schema version {SCHEMA_VERSION} with extra columns \\['x'\\]"):
         store.read_iteration(0)
     store.manifest_path(0).write_text("{not json")
     with pytest.raises(StoreError, match="corrupted manifest"):
