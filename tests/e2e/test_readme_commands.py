@@ -84,6 +84,7 @@ COMMANDS: dict[str, Run | Elsewhere] = {
     "make demo": Run(replace=(("make demo", "make -o .venv/.installed demo"),),
                      append=f" ARGS='trainer.num_steps=2 rollout.prompts_per_step=16 {' '.join(NO_EVAL)}'",
                      why="2 iterations (the whole job: tests/e2e/test_main_job.py); -o: the environment is the test's"),
+    "make lint": Elsewhere(".ci/run", "the linter, run before the tests"),
     "make test": Elsewhere(".ci/run", "the test suite itself, this file included"),
     "make test-vllm": Elsewhere(".ci/run", "builds the 2.9 GB vLLM environment and runs its tier"),
     ".venv/bin/remix-megatron config show configs/tiny_cpu.yaml parallel.tensor_parallel=1": Run(),
