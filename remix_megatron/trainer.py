@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from remix_megatron.algorithms import ADVANTAGE_ESTIMATORS, ActorLossInputs, AdvantageInputs
+from remix_megatron.algorithms import ADVANTAGE_ESTIMATORS, ActorLossInputs, AdvantageInputs, needs_critic
 from remix_megatron.algorithms import evaluation_due, kl_lambda, learning_rate, phase
 from remix_megatron.algorithms.advantages import grpo_advantages
 from remix_megatron.algorithms.drift import adapt_lr_scale, fresh_drift, malformed, replay_drift
@@ -49,7 +49,6 @@ from remix_megatron.faults import fault_point
 from remix_megatron.metrics_log import RunLog
 from remix_megatron.models import build_actor, build_critic, make_trainable
 from remix_megatron.parallel import ParallelState, init_parallel, world_size_from_env
-from remix_megatron.planning import CRITIC_ESTIMATORS
 from remix_megatron.rewards import REWARDS
 from remix_megatron.rollout import SamplingParams, get_engine_factory
 from remix_megatron.rollout.weight_sync import check_logprob_gap, logprob_gap, sync_weights
@@ -83,7 +82,7 @@ def _copy_weights(source_chunks, target_chunks) -> None:
 def _build_models(cfg: ExperimentConfig, state: ParallelState) -> Models:
     actor = make_trainable(build_actor(cfg.model, state), cfg.actor_optimizer, cfg.parallel, state)
     critic = None
-    if cfg.algorithm.advantage_estimator in CRITIC_ESTIMATORS:
+    if needs_critic(cfg.algorithm.advantage_estimator):
         critic = make_trainable(build_critic(cfg.model, state, seed=cfg.trainer.seed), cfg.critic_optimizer,
                                 cfg.parallel, state)
     models = Models(actor=actor, critic=critic, ref=build_actor(cfg.model, state), prev=build_actor(cfg.model, state))
@@ -373,7 +372,7 @@ def _training_batches(k: int, batch, cfg: ExperimentConfig, state: ParallelState
             behaviour_logprobs=packed["behaviour"], scores=scores, group_ids=group_ids),
             replace(alg, whiten_advantages=False))
         advantages, returns = estimate.advantages, estimate.returns
-        if alg.whiten_advantages and alg.advantage_estimator in CRITIC_ESTIMATORS:
+        if alg.whiten_advantages and needs_critic(alg.advantage_estimator):
             advantages = _global_whiten(advantages, packed["mask"], state)
     actor_inputs = ActorLossInputs(loss_mask=packed["mask"], advantages=advantages.float(),
                                    behaviour_logprobs=packed["behaviour"], pik_logprobs=pik.float(),
@@ -564,7 +563,7 @@ def train(cfg: ExperimentConfig) -> list[dict]:
     tokenizer = load_tokenizer(cfg.model.hf_path)
     train_source = _train_source(cfg, tokenizer)
     evaluations = config_benchmarks(cfg.data)
-    say("start", f"building models: actor{', critic' if cfg.algorithm.advantage_estimator in CRITIC_ESTIMATORS else ''}"
+    say("start", f"building models: actor{', critic' if needs_critic(cfg.algorithm.advantage_estimator) else ''}"
         f", reference, precedent ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
         f"TP{state.tensor_parallel} x PP{state.pipeline_parallel} x DP{state.data_parallel})", active=state.rank == 0)
     models = _build_models(cfg, state)
