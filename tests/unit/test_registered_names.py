@@ -23,6 +23,7 @@ from remix_megatron.config import ConfigError, ModelConfig, load_config
 from remix_megatron.config.presets import model_values_from_hf_config
 from remix_megatron.convert.hf import hf_config_from_model, name_map
 from remix_megatron.families import MODEL_FAMILIES
+from remix_megatron.metrics_log import LOGGERS, LoggerSpec, open_loggers
 from remix_megatron.planning import plan_memory, total_parameters
 from remix_megatron.rewards import REWARDS
 from remix_megatron.rollout import ENGINES
@@ -126,3 +127,14 @@ def test_families_differ_only_where_their_entries_say():
     assert qwen2.qkv_bias({"attention_bias": False}) and qwen2.hf_fields(True) == {}
     assert not llama.qkv_bias({}) and llama.qkv_bias({"attention_bias": True})
     assert llama.hf_fields(False) == {"attention_bias": False, "mlp_bias": False}
+
+
+def test_a_registered_logger_is_valid_and_opens():
+    cfg = load_config(PPO, ["trainer.loggers=[jsonl,dummy_logger]"])
+    with pytest.raises(ConfigError, match=r"trainer.loggers: unknown logger 'dummy_logger'\. Known: jsonl, tensorb"):
+        validate(cfg, training=False)
+    opened = []
+    spec = LoggerSpec(open=lambda trainer, run_dir, config, first: opened.append((run_dir, first)) or "opened")
+    with registered(LOGGERS, "dummy_logger", spec):
+        validate(cfg, training=False)
+        assert open_loggers(cfg.trainer, REPO, {}, 3) == ["opened"] and opened == [(REPO, 3)]
