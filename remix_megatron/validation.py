@@ -28,6 +28,7 @@ from remix_megatron.registry import Registry
 from remix_megatron.rewards import REWARDS
 from remix_megatron.rollout import ENGINES, get_engine_factory
 from remix_megatron.store.sampler import REPLAY_WEIGHTINGS
+from remix_megatron.store.store import COMPRESSIONS
 
 #: rollout sampling the losses assume: every log-prob is of the untempered, untruncated policy
 UNTEMPERED = (1.0, 1.0, -1)
@@ -36,7 +37,8 @@ UNTEMPERED = (1.0, 1.0, -1)
 REGISTERED: tuple[tuple[str, Registry], ...] = (
     ("algorithm.policy_loss", POLICY_LOSSES), ("algorithm.advantage_estimator", ADVANTAGE_ESTIMATORS),
     ("algorithm.loss_agg", LOSS_AGGREGATIONS), ("algorithm.kl_estimator", KL_ESTIMATORS),
-    ("store.replay_weighting", REPLAY_WEIGHTINGS), ("data.reward", REWARDS), ("rollout.engine", ENGINES),
+    ("store.replay_weighting", REPLAY_WEIGHTINGS), ("store.compression", COMPRESSIONS), ("data.reward", REWARDS),
+    ("rollout.engine", ENGINES),
 )
 
 

@@ -306,7 +306,7 @@ class StoreConfig:
 
     path: str = doc("store directory; '' = <trainer.run_dir>/store", "")
     row_group_size: int = doc("records per record batch of a shard (the sampler reads whole batches)", 16)
-    compression: str = doc("shard compression: zstd | lz4 | none (lz4 writes faster and compresses less; "
+    compression: str = doc("registered shard compression: zstd | lz4 | none (lz4 writes faster and compresses less; "
                            "benchmarks/store_throughput.py measures all three)", "zstd")
     keep_iterations: int = doc("prune all but the newest this many iterations; 0 = keep everything", 0)
     replay_weighting: str = doc("registered replay weighting: uniform over the window's groups | age (weight "
@@ -318,7 +318,6 @@ class StoreConfig:
     def __post_init__(self) -> None:
         _require_positive(self, "row_group_size")
         _require(self.keep_iterations >= 0, f"store.keep_iterations={self.keep_iterations} must be >= 0")
-        _require_choice("store.compression", self.compression, ("zstd", "lz4", "none"))
         _require_choice("store.shortage", self.shortage, REPLAY_SHORTAGE)
         _require(0 < self.replay_age_decay <= 1, f"store.replay_age_decay={self.replay_age_decay} must lie in (0, 1]")
 

@@ -28,6 +28,7 @@ from remix_megatron.planning import plan_memory, total_parameters
 from remix_megatron.rewards import REWARDS
 from remix_megatron.rollout import ENGINES
 from remix_megatron.store.sampler import REPLAY_WEIGHTINGS
+from remix_megatron.store.store import COMPRESSIONS
 from remix_megatron.validation import validate
 from tests.conftest import REPO
 
@@ -38,7 +39,7 @@ PPO = str(REPO / "configs" / "tiny_remix_ppo.yaml")
 NAMED = {"model.family": MODEL_FAMILIES, "algorithm.policy_loss": POLICY_LOSSES,
          "algorithm.advantage_estimator": ADVANTAGE_ESTIMATORS, "algorithm.loss_agg": LOSS_AGGREGATIONS,
          "algorithm.kl_estimator": KL_ESTIMATORS, "store.replay_weighting": REPLAY_WEIGHTINGS,
-         "data.reward": REWARDS, "rollout.engine": ENGINES}
+         "store.compression": COMPRESSIONS, "data.reward": REWARDS, "rollout.engine": ENGINES}
 
 
 @contextmanager
