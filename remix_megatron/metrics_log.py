@@ -153,8 +153,8 @@ class LoggerSpec:
 
     package: str = ""  # imported to check that it is installed; '' = nothing to install
     install_hint: str = ""
-    open: Callable[[TrainerConfig, Path, dict, int], Any] | None = None  # (trainer, run_dir, config, first
-    # iteration) -> logger; None: nothing to open (metrics.jsonl is always written)
+    #: (trainer, run_dir, resolved config, first iteration) -> logger; None: nothing to open (metrics.jsonl)
+    open: Callable[[TrainerConfig, Path, dict, int], Any] | None = None
 
 
 LOGGERS: Registry[LoggerSpec] = Registry("logger")
@@ -175,9 +175,10 @@ def check_loggers(loggers: Sequence[str]) -> list[str]:
             problems.append(f"trainer.loggers: {LOGGERS.unknown_message(name)}")
             continue
         spec = LOGGERS.get(name)
+        if not spec.package:
+            continue
         try:
-            if spec.package:
-                importlib.import_module(spec.package)
+            importlib.import_module(spec.package)
         except ImportError:
             problems.append(f"trainer.loggers has {name}, which is not installed: {spec.install_hint}")
     return problems
