@@ -46,10 +46,10 @@ def main() -> None:
 
     import json
 
+    from remix_megatron.algorithms import needs_critic
     from remix_megatron.config import load_config
     from remix_megatron.data.tiny import build_tiny_model
     from remix_megatron.parallel import destroy_parallel
-    from remix_megatron.planning import CRITIC_ESTIMATORS
     from remix_megatron.trainer import train
 
     tiny = build_tiny_model()
@@ -72,7 +72,7 @@ def main() -> None:
     print(f"  outside generation, grading and forward/backward (sync + store): {100 * outside:.1f}% (target <= 5%)")
 
     parameters = json.loads((tiny / "BUILD.json").read_text())["parameters"]
-    models = 2 if cfg.algorithm.advantage_estimator in CRITIC_ESTIMATORS else 1  # actor (+ critic)
+    models = 2 if needs_critic(cfg.algorithm.advantage_estimator) else 1  # actor (+ critic)
     prompt_tokens = 9  # <|user|>a+b=<|end|><|assistant|>
     rows = cfg.rollout.prompts_per_step * cfg.rollout.responses_per_prompt  # training rows per step
     trained = sum(rows * (prompt_tokens + r["response_length"]) * r["utd"] for r in history)

@@ -313,13 +313,11 @@ def _fp32(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 def mismatch_weights(rows: PackedRows, alg: AlgorithmConfig) -> torch.Tensor | None:
     """The per-token engine/trainer mismatch weights of ``algorithm.mismatch_correction`` (None: off)."""
-    if alg.mismatch_correction == "none":
-        return None
-    if rows.engine is None:
+    weigh = MISMATCH_CORRECTIONS.get(alg.mismatch_correction)
+    if rows.engine is None and alg.mismatch_correction != "none":
         raise ValueError(f"algorithm.mismatch_correction={alg.mismatch_correction} needs the engine's sampling "
                          "log-probs, and some trajectories of this batch have none (an engine that does not return "
                          "them, or a store written before they were kept)")
-    weigh = MISMATCH_CORRECTIONS.get(alg.mismatch_correction)
     return weigh(rows.behaviour, rows.engine, rows.mask, cap=alg.mismatch_cap, level=alg.mismatch_level)
 
 

@@ -9,15 +9,18 @@ offline here and says which directory ``wandb sync`` wants.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from remix_megatron.config import ConfigError, TrainerConfig
+from remix_megatron.registry import Registry
+
 
 @dataclass(frozen=True)
 class PlotSpec:
@@ -144,20 +147,40 @@ class TensorBoardLogger:
         self.writer.close()
 
 
+@dataclass(frozen=True, kw_only=True)
+class LoggerSpec:
+    """A metric backend ``trainer.loggers`` may name: the package it needs and how it opens."""
+
+    package: str = ""  # imported to check that it is installed; '' = nothing to install
+    install_hint: str = ""
+    #: (trainer, run_dir, resolved config, first iteration) -> logger; None: nothing to open (metrics.jsonl)
+    open: Callable[[TrainerConfig, Path, dict, int], Any] | None = None
+
+
+LOGGERS: Registry[LoggerSpec] = Registry("logger")
+LOGGERS.register("jsonl", LoggerSpec())
+LOGGERS.register("wandb", LoggerSpec(
+    package="wandb", install_hint="pip install wandb",
+    open=lambda trainer, run_dir, config, first: WandbLogger(trainer, run_dir, config)))
+LOGGERS.register("tensorboard", LoggerSpec(  # torch.utils.tensorboard needs the tensorboard package
+    package="tensorboard", install_hint="pip install tensorboard (or pip install -e .[tensorboard])",
+    open=lambda trainer, run_dir, config, first: TensorBoardLogger(run_dir, first)))
+
+
 def check_loggers(loggers: Sequence[str]) -> list[str]:
-    """Chosen loggers whose package is missing, each with what to install."""
+    """Chosen loggers that are not registered or whose package is missing, each with what to do."""
     problems = []
-    if "tensorboard" in loggers:
+    for name in dict.fromkeys(loggers):
+        if name not in LOGGERS:
+            problems.append(f"trainer.loggers: {LOGGERS.unknown_message(name)}")
+            continue
+        spec = LOGGERS.get(name)
+        if not spec.package:
+            continue
         try:
-            import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
+            importlib.import_module(spec.package)
         except ImportError:
-            problems.append("trainer.loggers has tensorboard, which is not installed: pip install tensorboard "
-                            "(or pip install -e .[tensorboard])")
-    if "wandb" in loggers:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            problems.append("trainer.loggers has wandb, which is not installed: pip install wandb")
+            problems.append(f"trainer.loggers has {name}, which is not installed: {spec.install_hint}")
     return problems
 
 
@@ -166,12 +189,8 @@ def open_loggers(trainer: TrainerConfig, run_dir: Path, config: dict, first_iter
     problems = check_loggers(trainer.loggers)
     if problems:
         raise ConfigError("; ".join(problems))
-    out = []
-    if "wandb" in trainer.loggers:
-        out.append(WandbLogger(trainer, run_dir, config))
-    if "tensorboard" in trainer.loggers:
-        out.append(TensorBoardLogger(run_dir, first_iteration))
-    return out
+    specs = [LOGGERS.get(name) for name in dict.fromkeys(trainer.loggers)]
+    return [spec.open(trainer, run_dir, config, first_iteration) for spec in specs if spec.open]
 
 
 class RunLog:

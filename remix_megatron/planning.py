@@ -36,13 +36,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from remix_megatron.algorithms import needs_critic
 from remix_megatron.config import ConfigError, ExperimentConfig, ModelConfig
+from remix_megatron.rollout import ENGINES
 from remix_megatron.validation import layout_problems, resolve_world_size
 
 GIB = 1 << 30
 #: CUDA context, NCCL buffers and allocator fragmentation per GPU (an allowance, not a measurement).
 GPU_RUNTIME_OVERHEAD_BYTES = 2 * GIB
-CRITIC_ESTIMATORS = ("gae", "vtrace_gae")  # estimators that need values (the trainer builds a critic)
 
 
 # ------------------------------------------------------------------------------ layout
@@ -191,7 +192,7 @@ class EnginePlan:
 
 def plan_engine(cfg: ExperimentConfig, layout: Layout, *, gpu: bool, capacity_bytes: int) -> EnginePlan:
     model, rollout = cfg.model, cfg.rollout
-    sharded = rollout.engine in ("vllm", "sglang")  # one replica per TP group; HF: a replica per rank
+    sharded = ENGINES.get(rollout.engine).tp_sharded  # one replica per TP group; HF: a replica per rank
     tp = layout.tensor_parallel if sharded else 1
     dtype_bytes = 2 if (gpu or sharded) else 4
     weights = total_parameters(model) * dtype_bytes // tp
@@ -268,7 +269,7 @@ def plan_memory(cfg: ExperimentConfig, world_size: int | None = None, *,
     per_layer = layer_activation_bytes(model, seq_length=trainer.seq_length, micro_batch_size=trainer.micro_batch_size,
                                        tp=layout.tensor_parallel, sequence_parallel=cfg.parallel.sequence_parallel,
                                        stores_attention_scores=impl == "local", dtype_bytes=dtype_bytes)
-    has_critic = cfg.algorithm.advantage_estimator in CRITIC_ESTIMATORS
+    has_critic = needs_critic(cfg.algorithm.advantage_estimator)
     optimizer_share = layout.data_parallel if cfg.parallel.use_distributed_optimizer else 1
     adam = optimizer_bytes_per_parameter(bf16_params=precision == "bf16")
     stages = []

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from remix_megatron.algorithms import evaluation_due, kl_lambda, learning_rate, phase
+from remix_megatron.algorithms import evaluation_due, kl_lambda, learning_rate, needs_critic, phase
 from remix_megatron.algorithms.drift import adapt_lr_scale, fresh_drift, replay_drift
 from remix_megatron.algorithms.kl import kl_weights
 from remix_megatron.algorithms.megatron_adapter import actor_loss_builder, critic_loss_builder, reduce_metrics
@@ -38,7 +38,6 @@ from remix_megatron.evaluation.in_training import evaluate_during_training
 from remix_megatron.faults import fault_point
 from remix_megatron.metrics_log import RunLog
 from remix_megatron.parallel import ParallelState, init_parallel, world_size_from_env
-from remix_megatron.planning import CRITIC_ESTIMATORS
 from remix_megatron.policies import Models, build_models, copy_weights
 from remix_megatron.rewards import REWARDS
 from remix_megatron.rollout import get_engine_factory
@@ -83,10 +82,10 @@ def train(cfg: ExperimentConfig) -> list[dict]:
     tokenizer = load_tokenizer(cfg.model.hf_path)
     train_source = _train_source(cfg, tokenizer)
     evaluations = config_benchmarks(cfg.data)
-    say("start", f"building models: actor{', critic' if cfg.algorithm.advantage_estimator in CRITIC_ESTIMATORS else ''}"
+    say("start", f"building models: actor{', critic' if needs_critic(cfg.algorithm.advantage_estimator) else ''}"
         f", reference, precedent ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
         f"TP{state.tensor_parallel} x PP{state.pipeline_parallel} x DP{state.data_parallel})", active=state.rank == 0)
-    models = build_models(cfg, state, with_critic=cfg.algorithm.advantage_estimator in CRITIC_ESTIMATORS)
+    models = build_models(cfg, state, with_critic=needs_critic(cfg.algorithm.advantage_estimator))
     run_dir = Path(cfg.trainer.run_dir)
     store = _open_store(cfg, state)
     sampler = MixedSampler.from_config(cfg, groups_per_step=cfg.rollout.prompts_per_step)

@@ -14,16 +14,34 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from remix_megatron.algorithms import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, fresh_prompts
-from remix_megatron.algorithms.mismatch import MISMATCH_CORRECTIONS
+from remix_megatron.algorithms import (
+    ADVANTAGE_ESTIMATORS,
+    KL_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    POLICY_LOSSES,
+    fresh_prompts,
+)
+from remix_megatron.algorithms.mismatch import MISMATCH_CORRECTIONS, MISMATCH_LEVELS
 from remix_megatron.config import ConfigError, ExperimentConfig, layout_errors
 from remix_megatron.evaluation import config_benchmarks
 from remix_megatron.metrics_log import check_loggers
+from remix_megatron.registry import Registry
 from remix_megatron.rewards import REWARDS
-from remix_megatron.rollout import get_engine_factory
+from remix_megatron.rollout import ENGINES, get_engine_factory
+from remix_megatron.store.sampler import REPLAY_WEIGHTINGS
+from remix_megatron.store.store import COMPRESSIONS
 
 #: rollout sampling the losses assume: every log-prob is of the untempered, untruncated policy
 UNTEMPERED = (1.0, 1.0, -1)
+#: config keys whose value names a registry entry, checked against the registry (the names' one source).
+#: model.family and model.preset are checked when the config is built (their registries are in the config layer).
+REGISTERED: tuple[tuple[str, Registry], ...] = (
+    ("algorithm.policy_loss", POLICY_LOSSES), ("algorithm.advantage_estimator", ADVANTAGE_ESTIMATORS),
+    ("algorithm.loss_agg", LOSS_AGGREGATIONS), ("algorithm.kl_estimator", KL_ESTIMATORS),
+    ("store.replay_weighting", REPLAY_WEIGHTINGS), ("store.compression", COMPRESSIONS), ("data.reward", REWARDS),
+    ("rollout.engine", ENGINES), ("algorithm.mismatch_correction", MISMATCH_CORRECTIONS),
+    ("algorithm.mismatch_level", MISMATCH_LEVELS),
+)
 
 
 @dataclass(frozen=True)
@@ -76,22 +94,18 @@ def _non_finite(section: object, prefix: str) -> list[str]:
 
 
 def _registered(cfg: ExperimentConfig) -> list[str]:
-    """Names the registries do not know (each answered with the known ones)."""
-    checks = (("algorithm.policy_loss", POLICY_LOSSES.get, cfg.algorithm.policy_loss),
-              ("algorithm.advantage_estimator", ADVANTAGE_ESTIMATORS.get, cfg.algorithm.advantage_estimator),
-              ("data.reward", REWARDS.get, cfg.data.reward))
-    if cfg.algorithm.mismatch_correction != "none":
-        checks += (("algorithm.mismatch_correction", MISMATCH_CORRECTIONS.get, cfg.algorithm.mismatch_correction),)
+    """Names the registries do not know (each answered with the known ones), and an engine that cannot load."""
     problems = []
-    for key, lookup, name in checks:
+    for key, registry in REGISTERED:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in registry:
+            problems.append(f"{key}: {registry.unknown_message(value)}")
+    if cfg.rollout.engine in ENGINES:
         try:
-            lookup(name)
-        except ValueError as error:
-            problems.append(f"{key}: {error}")
-    try:
-        get_engine_factory(cfg.rollout.engine)
-    except ImportError as error:  # vllm / sglang chosen but not installed
-        problems.append(f"rollout.engine={cfg.rollout.engine} is not installed here ({error})")
+            get_engine_factory(cfg.rollout.engine)
+        except ImportError as error:  # its module's imports are missing here
+            problems.append(f"rollout.engine={cfg.rollout.engine} is not installed here ({error})")
     return problems
 
 

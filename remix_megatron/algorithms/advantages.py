@@ -113,8 +113,24 @@ class AdvantageOutput:
     returns: torch.Tensor | None  # [batch, seq] critic targets; None without a critic
 
 
-AdvantageEstimator = Callable[[AdvantageInputs, AlgorithmConfig], AdvantageOutput]
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    """A registered estimator: called as ``estimator(inputs, cfg)``; ``needs_critic`` says whether it reads
+    critic values (then the trainer builds, trains and checkpoints a critic, and the planner counts it)."""
+
+    estimate: Callable[[AdvantageInputs, AlgorithmConfig], AdvantageOutput]
+    needs_critic: bool
+
+    def __call__(self, inputs: AdvantageInputs, cfg: AlgorithmConfig) -> AdvantageOutput:
+        return self.estimate(inputs, cfg)
+
+
 ADVANTAGE_ESTIMATORS: Registry[AdvantageEstimator] = Registry("advantage estimator")
+
+
+def needs_critic(estimator: str) -> bool:
+    """Whether ``algorithm.advantage_estimator=estimator`` needs a critic (ValueError when unregistered)."""
+    return ADVANTAGE_ESTIMATORS.get(estimator).needs_critic
 
 
 def _need(inputs: AdvantageInputs, estimator: str, *names: str) -> None:
@@ -154,6 +170,6 @@ def _grpo_estimator(inputs: AdvantageInputs, cfg: AlgorithmConfig) -> AdvantageO
     return AdvantageOutput(advantages=advantages, returns=None)
 
 
-ADVANTAGE_ESTIMATORS.register("gae", _gae_estimator)
-ADVANTAGE_ESTIMATORS.register("vtrace_gae", _vtrace_gae_estimator)
-ADVANTAGE_ESTIMATORS.register("grpo", _grpo_estimator)
+ADVANTAGE_ESTIMATORS.register("gae", AdvantageEstimator(_gae_estimator, needs_critic=True))
+ADVANTAGE_ESTIMATORS.register("vtrace_gae", AdvantageEstimator(_vtrace_gae_estimator, needs_critic=True))
+ADVANTAGE_ESTIMATORS.register("grpo", AdvantageEstimator(_grpo_estimator, needs_critic=False))

@@ -23,17 +23,14 @@ import torch
 from remix_megatron.registry import Registry
 
 MISMATCH_CORRECTIONS: Registry = Registry("mismatch correction")
-MISMATCH_LEVELS = ("token", "sequence")
+# log w per token -> the log weight each token gets: its own, or its response's sum broadcast
+MISMATCH_LEVELS: Registry = Registry("mismatch level")
+MISMATCH_LEVELS.register("token", lambda log_w: log_w)
+MISMATCH_LEVELS.register("sequence", lambda log_w: log_w.sum(-1, keepdim=True).expand_as(log_w))
 
 
 def _log_weights(behaviour: torch.Tensor, engine: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
-    """log w per token, or the response's summed log w broadcast over its tokens (``sequence``)."""
-    log_w = (behaviour - engine) * mask
-    if level == "sequence":
-        log_w = log_w.sum(-1, keepdim=True).expand_as(log_w)
-    elif level != "token":
-        raise ValueError(f"mismatch level {level!r} is not one of {', '.join(MISMATCH_LEVELS)}")
-    return log_w
+    return MISMATCH_LEVELS.get(level)((behaviour - engine) * mask)
 
 
 def truncated_weights(behaviour: torch.Tensor, engine: torch.Tensor, mask: torch.Tensor, *, cap: float,
@@ -50,6 +47,7 @@ def masked_weights(behaviour: torch.Tensor, engine: torch.Tensor, mask: torch.Te
     return log_w.clamp(max=20.0).exp() * inside * mask
 
 
+MISMATCH_CORRECTIONS.register("none", lambda *args, **kwargs: None)  # off: the loss is unweighted
 MISMATCH_CORRECTIONS.register("tis", truncated_weights)
 MISMATCH_CORRECTIONS.register("mis", masked_weights)
 

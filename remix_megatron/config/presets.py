@@ -11,6 +11,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from remix_megatron.config.schema import ConfigError
+from remix_megatron.families import MODEL_FAMILIES, family_of_model_type
 from remix_megatron.registry import Registry
 
 MODEL_PRESETS: Registry[Mapping[str, Any]] = Registry("model preset")
@@ -71,11 +72,12 @@ def _rope_scaling(hf: Mapping) -> str:
 
 
 def model_values_from_hf_config(hf: Mapping, *, source: str = "config.json") -> dict:
-    """``ModelConfig`` values from an HF ``config.json`` (Qwen2 / Llama), refusing what we cannot run."""
+    """``ModelConfig`` values from an HF ``config.json`` of a registered family, refusing what we cannot run."""
     model_type = hf.get("model_type")
-    family = {"qwen2": "qwen2", "llama": "llama"}.get(model_type)
+    family = family_of_model_type(model_type)
     if family is None:
-        raise ConfigError(f"{source}: model_type {model_type!r} is not supported (supported: qwen2, llama)")
+        supported = ", ".join(MODEL_FAMILIES.get(name).model_type for name in MODEL_FAMILIES)
+        raise ConfigError(f"{source}: model_type {model_type!r} is not supported (supported: {supported})")
     problems = []
     scaling = _rope_scaling(hf)
     if scaling:
@@ -97,7 +99,7 @@ def model_values_from_hf_config(hf: Mapping, *, source: str = "config.json") -> 
         num_query_groups=hf.get("num_key_value_heads") or hf["num_attention_heads"], vocab_size=hf["vocab_size"],
         max_position_embeddings=hf["max_position_embeddings"], rotary_base=_rope_theta(hf),
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
-        add_qkv_bias=True if family == "qwen2" else bool(hf.get("attention_bias", False)),
+        add_qkv_bias=MODEL_FAMILIES.get(family).qkv_bias(hf),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
 
 

@@ -4,6 +4,9 @@ Every field carries a one-line doc (``metadata["doc"]``) that also lands in the 
 reference YAML (configs/reference.yaml). Checks that need only one section run in that
 section's ``__post_init__`` (on every load); checks across sections, registries, the world size
 or the file system run in ``remix_megatron.validation.validate``, the one path every command takes.
+A field naming a registry entry (``model.family``, ``algorithm.kl_estimator``, ``rollout.engine`` ...)
+is checked against that registry, its one source of names: here when the registry lives in the
+config layer (model families, presets), else in ``validate`` (``validation.REGISTERED``).
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+from remix_megatron.families import MODEL_FAMILIES
+from remix_megatron.registry import Registry
 
 
 class ConfigError(ValueError):
@@ -36,13 +42,14 @@ def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     _require(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
 
 
+def _require_registered(name: str, value: str, registry: Registry) -> None:
+    _require(value in registry, f"{name}: {registry.unknown_message(value)}")
+
+
 def _require_positive(owner: object, *names: str) -> None:
     for name in names:
         value = getattr(owner, name)
         _require(value > 0, f"{type(owner).__name__}.{name}={value} must be > 0")
-
-
-MODEL_FAMILIES = ("qwen2", "llama")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,7 +59,7 @@ class ModelConfig:
     preset: str = doc("model preset whose values fill unset fields (see `remix-megatron presets`); '' for none", "")
     hf_path: str = doc("HuggingFace checkpoint directory: its config.json fills unset fields (after the preset) "
                        "and its weights initialise the actor and the critic trunk; '' for none", "")
-    family: str = doc("architecture family for HF name maps: qwen2 | llama")
+    family: str = doc("registered model family (remix_megatron/families.py): qwen2 | llama")
     num_layers: int = doc("transformer layers")
     hidden_size: int = doc("model width")
     ffn_hidden_size: int = doc("SwiGLU intermediate width")
@@ -66,7 +73,7 @@ class ModelConfig:
     tie_word_embeddings: bool = doc("share the input embedding with the output layer")
 
     def __post_init__(self) -> None:
-        _require_choice("model.family", self.family, MODEL_FAMILIES)
+        _require_registered("model.family", self.family, MODEL_FAMILIES)
         _require_positive(self, "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                           "num_query_groups", "vocab_size", "max_position_embeddings", "rotary_base",
                           "norm_epsilon")
@@ -153,7 +160,6 @@ def _critic_optimizer() -> OptimizerConfig:
 
 
 CONTROLS = ("none", "no_update", "shuffled_rewards")
-LOGGERS = ("jsonl", "wandb", "tensorboard")
 CONSOLE_METRICS = ("reward_mean", "response_length", "actor/pg_loss", "actor/kl_ref", "actor/lr", "actor/ratio_mean",
                    "actor/clip_frac")
 
@@ -176,8 +182,8 @@ class TrainerConfig:
                        "default); false refuses a run_dir that already holds a run", True)
     overwrite: bool = doc("remove the earlier run's store, checkpoints, metrics, plots and export in run_dir, then "
                           "start afresh", False)
-    loggers: list[str] = doc("metric backends besides metrics.jsonl (always written) and the PNG plots: wandb | "
-                             "tensorboard (<run_dir>/tensorboard)", default_factory=lambda: ["jsonl"])
+    loggers: list[str] = doc("registered metric backends besides metrics.jsonl (always written) and the PNG plots: "
+                             "wandb | tensorboard (<run_dir>/tensorboard)", default_factory=lambda: ["jsonl"])
     wandb_project: str = doc("wandb project (loggers has wandb); online when wandb finds credentials (WANDB_API_KEY, "
                              "`wandb login`) or WANDB_MODE says so, else offline", "remix-megatron")
     wandb_entity: str = doc("wandb entity (team or user); '' = wandb's default", "")
@@ -204,16 +210,12 @@ class TrainerConfig:
         _require(self.keep_checkpoints >= 1, f"trainer.keep_checkpoints={self.keep_checkpoints} must be >= 1")
         _require(self.max_skipped_steps >= 1, f"trainer.max_skipped_steps={self.max_skipped_steps} must be >= 1")
         _require_choice("trainer.control", self.control, CONTROLS)
-        for logger in self.loggers:
-            _require_choice("trainer.loggers entry", logger, LOGGERS)
 
     @property
     def checkpoint_root(self) -> str:
         return self.checkpoint_dir or f"{self.run_dir}/checkpoints"
 
 
-LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
-KL_ESTIMATORS = ("k1", "k2", "k3")
 GRPO_REPLAY_ADVANTAGES = ("stored", "recompute")
 
 
@@ -229,11 +231,12 @@ class AlgorithmConfig:
     clip_eps_low: float = doc("clip half-width below the centre", 0.2)
     clip_eps_high: float = doc("clip half-width above the centre (> low = clip-higher)", 0.2)
     dual_clip_c: float = doc("dual-clip bound c > 1 on negative-advantage tokens; 0 = off", 0.0)
-    loss_agg: str = doc("token_mean | seq_mean_token_mean | seq_mean_token_sum | token_sum_norm", "token_mean")
+    loss_agg: str = doc("registered loss aggregation: token_mean | seq_mean_token_mean | seq_mean_token_sum | "
+                        "token_sum_norm", "token_mean")
     loss_agg_norm_tokens: int = doc("token_sum_norm only: constant tokens per sequence to divide by", 0)
     entropy_coef: float = doc("entropy bonus c in loss = L_pg - c*H + beta*L_kl", 0.001)
     kl_coef: float = doc("beta, the weight of the KL(-convex) term; 0 = no KL term", 0.001)
-    kl_estimator: str = doc("per-token KL estimator: k1 | k2 | k3 (low-variance, clamped)", "k3")
+    kl_estimator: str = doc("registered per-token KL estimator: k1 | k2 | k3 (low-variance, clamped)", "k3")
     kl_convex: bool = doc("KL-convex: mix KL to the reference and to the precedent policy by lambda(t); "
                           "false = KL to the reference only", True)
     kl_lambda_start: int = doc("lambda(t) = 1 up to this step", 50)
@@ -278,13 +281,10 @@ class AlgorithmConfig:
                  f"algorithm clip_eps_low={self.clip_eps_low}, clip_eps_high={self.clip_eps_high} must be > 0")
         _require(self.dual_clip_c == 0 or self.dual_clip_c > 1,
                  f"algorithm.dual_clip_c={self.dual_clip_c} must be 0 (off) or > 1")
-        _require_choice("algorithm.loss_agg", self.loss_agg, LOSS_AGGREGATIONS)
         _require(self.loss_agg != "token_sum_norm" or self.loss_agg_norm_tokens > 0,
                  "algorithm.loss_agg=token_sum_norm needs algorithm.loss_agg_norm_tokens > 0 "
                  "(e.g. the maximum response length)")
-        _require_choice("algorithm.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         _require_choice("algorithm.grpo_replay_advantage", self.grpo_replay_advantage, GRPO_REPLAY_ADVANTAGES)
-        _require_choice("algorithm.mismatch_level", self.mismatch_level, ("token", "sequence"))
         if self.mismatch_cap <= 1:
             raise ConfigError(f"algorithm.mismatch_cap={self.mismatch_cap} must be > 1")
         for name in ("entropy_coef", "kl_coef", "kl_lambda_start", "kl_lambda_decay", "value_clip",
@@ -307,7 +307,6 @@ class AlgorithmConfig:
                  f"algorithm.off_policy_portion={self.off_policy_portion} needs algorithm.replay_window >= 1")
 
 
-REPLAY_WEIGHTINGS = ("uniform", "age")
 REPLAY_SHORTAGE = ("take_all", "fill_fresh")
 
 
@@ -317,10 +316,11 @@ class StoreConfig:
 
     path: str = doc("store directory; '' = <trainer.run_dir>/store", "")
     row_group_size: int = doc("records per record batch of a shard (the sampler reads whole batches)", 16)
-    compression: str = doc("shard compression: zstd | lz4 | none (lz4 writes faster and compresses less; "
+    compression: str = doc("registered shard compression: zstd | lz4 | none (lz4 writes faster and compresses less; "
                            "benchmarks/store_throughput.py measures all three)", "zstd")
     keep_iterations: int = doc("prune all but the newest this many iterations; 0 = keep everything", 0)
-    replay_weighting: str = doc("uniform over the window's groups | age (weight age_decay**(age-1))", "uniform")
+    replay_weighting: str = doc("registered replay weighting: uniform over the window's groups | age (weight "
+                                "age_decay**(age-1))", "uniform")
     replay_age_decay: float = doc("per-iteration weight decay for replay_weighting=age", 0.5)
     shortage: str = doc("window holds too few groups: take_all (smaller batch, warn) | fill_fresh "
                         "(roll out more fresh prompts)", "take_all")
@@ -328,8 +328,6 @@ class StoreConfig:
     def __post_init__(self) -> None:
         _require_positive(self, "row_group_size")
         _require(self.keep_iterations >= 0, f"store.keep_iterations={self.keep_iterations} must be >= 0")
-        _require_choice("store.replay_weighting", self.replay_weighting, REPLAY_WEIGHTINGS)
-        _require_choice("store.compression", self.compression, ("zstd", "lz4", "none"))
         _require_choice("store.shortage", self.shortage, REPLAY_SHORTAGE)
         _require(0 < self.replay_age_decay <= 1, f"store.replay_age_decay={self.replay_age_decay} must lie in (0, 1]")
 
@@ -356,7 +354,6 @@ class ClusterConfig:
         return self.nodes * self.gpus_per_node
 
 
-ENGINE_NAMES = ("hf", "vllm", "sglang")
 ENGINE_DTYPES = ("bfloat16", "float32")
 
 
@@ -364,7 +361,7 @@ ENGINE_DTYPES = ("bfloat16", "float32")
 class RolloutConfig:
     """Generation: the colocated engine and how it samples (paper defaults where they apply)."""
 
-    engine: str = doc("generation engine: hf (transformers; CPU and GPU) | vllm | sglang (GPU)", "hf")
+    engine: str = doc("registered generation engine: hf (transformers; CPU and GPU) | vllm | sglang (GPU)", "hf")
     prompts_per_step: int = doc("B: prompts per iteration (fresh + replayed)", 256)
     responses_per_prompt: int = doc("n: responses sampled per prompt (PPO 1, GRPO 8)", 1)
     max_prompt_tokens: int = doc("longer prompts are dropped (counted and reported)", 766)
@@ -385,7 +382,6 @@ class RolloutConfig:
                                          "log-prob gap exceeds this: the engine's weights or numerics are off", 0.05)
 
     def __post_init__(self) -> None:
-        _require_choice("rollout.engine", self.engine, ENGINE_NAMES)
         _require_positive(self, "prompts_per_step", "responses_per_prompt", "max_prompt_tokens", "max_new_tokens",
                           "top_p", "weight_sync_bucket_mb", "logprob_check_threshold", "hf_batch_size")
         _require(self.temperature >= 0, f"rollout.temperature={self.temperature} must be >= 0")

@@ -1,6 +1,6 @@
-"""HuggingFace <-> Megatron weights for the Qwen2 and Llama families.
+"""HuggingFace <-> Megatron weights for the registered model families (``remix_megatron.families``).
 
-One declarative two-way name map (below) plus two tensor transforms:
+Each family's declarative two-way name map (``ModelFamily.layer_rows`` ...) plus two tensor transforms:
 
 - ``qkv``: HF's separate q/k/v projections <-> Megatron's fused ``linear_qkv``, laid out per
   query group as ``[q heads of the group, k, v]``;
@@ -15,7 +15,6 @@ the two norms into the following linear layers (``TE_ALIASES``). The critic is e
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
@@ -24,38 +23,12 @@ import torch
 
 from remix_megatron.config import ConfigError, ModelConfig
 from remix_megatron.config.presets import model_values_from_hf_config
+from remix_megatron.families import MODEL_FAMILIES
 
-ARCHITECTURES = {  # family -> (model_type, actor class, critic class)
-    "qwen2": ("qwen2", "Qwen2ForCausalLM", "Qwen2ForTokenClassification"),
-    "llama": ("llama", "LlamaForCausalLM", "LlamaForTokenClassification"),
-}
 TE_ALIASES = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
-
-# (Megatron name, HF names, transform); "{i}" is the layer index. Rows marked by the
-# predicate only exist for some models (QKV bias, untied output layer, critic head).
-_LAYER_ROWS = [
-    ("decoder.layers.{i}.input_layernorm.weight", ("model.layers.{i}.input_layernorm.weight",), "copy"),
-    ("decoder.layers.{i}.self_attention.linear_qkv.weight",
-     ("model.layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.k_proj.weight",
-      "model.layers.{i}.self_attn.v_proj.weight"), "qkv"),
-    ("decoder.layers.{i}.self_attention.linear_qkv.bias",
-     ("model.layers.{i}.self_attn.q_proj.bias", "model.layers.{i}.self_attn.k_proj.bias",
-      "model.layers.{i}.self_attn.v_proj.bias"), "qkv"),
-    ("decoder.layers.{i}.self_attention.linear_proj.weight", ("model.layers.{i}.self_attn.o_proj.weight",), "copy"),
-    ("decoder.layers.{i}.pre_mlp_layernorm.weight", ("model.layers.{i}.post_attention_layernorm.weight",), "copy"),
-    ("decoder.layers.{i}.mlp.linear_fc1.weight",
-     ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"), "gate_up"),
-    ("decoder.layers.{i}.mlp.linear_fc2.weight", ("model.layers.{i}.mlp.down_proj.weight",), "copy"),
-]
-_GLOBAL_ROWS = [
-    ("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "copy"),
-    ("decoder.final_layernorm.weight", ("model.norm.weight",), "copy"),
-]
-_ACTOR_HEAD = [("output_layer.weight", ("lm_head.weight",), "copy")]
-_CRITIC_HEAD = [("output_layer.weight", ("score.weight",), "copy"), ("output_layer.bias", ("score.bias",), "copy")]
 
 
 class ConversionError(ConfigError):
@@ -70,15 +43,16 @@ class Row:
 
 
 def name_map(model: ModelConfig, *, critic: bool = False) -> list[Row]:
-    """Every tensor of the model as (Megatron name, HF names, transform)."""
+    """Every tensor of the model as (Megatron name, HF names, transform), from its family's map."""
+    family = MODEL_FAMILIES.get(model.family)
     rows = []
     for layer in range(model.num_layers):
-        for megatron, hf, transform in _LAYER_ROWS:
+        for megatron, hf, transform in family.layer_rows:
             if megatron.endswith("linear_qkv.bias") and not model.add_qkv_bias:
                 continue
             rows.append(Row(megatron.format(i=layer), tuple(n.format(i=layer) for n in hf), transform))
-    heads = _CRITIC_HEAD if critic else ([] if model.tie_word_embeddings else _ACTOR_HEAD)
-    rows += [Row(m, hf, t) for m, hf, t in _GLOBAL_ROWS + heads]
+    heads = family.critic_head if critic else (() if model.tie_word_embeddings else family.actor_head)
+    rows += [Row(m, hf, t) for m, hf, t in family.global_rows + heads]
     return rows
 
 
@@ -126,11 +100,12 @@ def split(row: Row, tensor: torch.Tensor, model: ModelConfig) -> list[torch.Tens
 def hf_config_from_model(model: ModelConfig, *, critic: bool, dtype: torch.dtype,
                          base: Mapping | None = None) -> dict:
     """An HF ``config.json`` for ``model`` (starting from ``base``, the source model's, when known)."""
-    model_type, actor_cls, critic_cls = ARCHITECTURES[model.family]
+    family = MODEL_FAMILIES.get(model.family)
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(dtype, "float32")
     config = dict(base or {})
     config.update(
-        architectures=[critic_cls if critic else actor_cls], model_type=model_type,
+        architectures=[family.critic_architecture if critic else family.actor_architecture],
+        model_type=family.model_type,
         hidden_size=model.hidden_size, intermediate_size=model.ffn_hidden_size, num_hidden_layers=model.num_layers,
         num_attention_heads=model.num_attention_heads, num_key_value_heads=model.num_query_groups,
         vocab_size=model.vocab_size, max_position_embeddings=model.max_position_embeddings,
@@ -142,8 +117,7 @@ def hf_config_from_model(model: ModelConfig, *, critic: bool, dtype: torch.dtype
         rope_parameters={"rope_type": "default", "rope_theta": model.rotary_base})
     config["dtype"] = dtype_name  # transformers >= 4.56 reads "dtype" first: a base's "float32" must not stay
     config.pop("rope_scaling", None)  # unscaled (a scaled source is refused when it is read)
-    if model.family == "llama":
-        config.update(attention_bias=model.add_qkv_bias, mlp_bias=False)
+    config.update(family.hf_fields(model.add_qkv_bias))
     if critic:
         config.update(num_labels=1, id2label={"0": "value"}, label2id={"value": 0}, classifier_dropout=0.0)
     return config

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from remix_megatron.config import ConfigError, ExperimentConfig, load_config
+from remix_megatron.config.schema import OVERLONG_POLICIES
 from remix_megatron.evaluation.benchmarks import PAPER_BENCHMARKS, resolve_benchmarks
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="response budget (default: rollout.max_new_tokens, 8192)")
     parser.add_argument("--max-prompt-tokens", type=int, default=None, help="default: rollout.max_prompt_tokens, 766")
     parser.add_argument("--template", default=None, help="prompt template with {problem} (default: data.template)")
-    parser.add_argument("--overlong", choices=("drop", "truncate"), default="drop",
+    parser.add_argument("--overlong", choices=OVERLONG_POLICIES, default="drop",
                         help="prompts over the limit: drop them (counted) or keep their last tokens")
     parser.add_argument("--engine", default=None, help="generation engine: hf | vllm | sglang (default: rollout.engine)")
     parser.add_argument("--seed", type=int, default=0)

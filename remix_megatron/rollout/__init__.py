@@ -1,16 +1,11 @@
 """Generation engines (HF here; vLLM and SGLang on GPU) and weight sync from Megatron."""
 
-from remix_megatron.rollout import hf_engine as _hf_engine  # noqa: F401  (registers "hf")
-from remix_megatron.rollout.engine import ENGINES, Generation, GenerationEngine, SamplingParams
+from remix_megatron.rollout.engine import ENGINES, EngineSpec, Generation, GenerationEngine, SamplingParams
 
 
 def get_engine_factory(name: str):
-    """The factory for ``rollout.engine=name``; GPU engines are imported only when chosen."""
-    if name == "vllm":
-        from remix_megatron.rollout import vllm_engine  # noqa: F401
-    elif name == "sglang":
-        from remix_megatron.rollout import sglang_engine  # noqa: F401
-    return ENGINES.get(name)
+    """The factory for ``rollout.engine=name``; an engine's module is imported only when it is chosen."""
+    return ENGINES.get(name).load()
 
 
-__all__ = ["ENGINES", "Generation", "GenerationEngine", "SamplingParams", "get_engine_factory"]
+__all__ = ["ENGINES", "EngineSpec", "Generation", "GenerationEngine", "SamplingParams", "get_engine_factory"]

@@ -7,8 +7,8 @@ Engines never see the trajectory store or Megatron.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import importlib
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -79,9 +79,31 @@ class GenerationEngine(Protocol):
         """Free everything; the engine cannot be used afterwards."""
 
 
-#: name -> factory(rollout config, model config, parallel state, hf_dir) -> GenerationEngine
+#: factory(rollout config, model config, parallel state, hf_dir, *, seed) -> GenerationEngine
 EngineFactory = Callable[..., GenerationEngine]
-ENGINES: Registry[EngineFactory] = Registry("generation engine")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineSpec:
+    """A registered engine: where its factory lives (imported only when chosen, so that naming vLLM or
+    SGLang costs nothing) and the traits planning reads."""
+
+    module: str  # the module defining the factory
+    factory: str  # the factory's name in it
+    tp_sharded: bool  # one replica per actor TP group with TP-sharded weights (vLLM, SGLang); else a full one per rank
+
+    def load(self) -> EngineFactory:
+        """The factory (ImportError when its module cannot be imported here)."""
+        return getattr(importlib.import_module(self.module), self.factory)
+
+
+ENGINES: Registry[EngineSpec] = Registry("generation engine")
+ENGINES.register("hf", EngineSpec(module="remix_megatron.rollout.hf_engine", factory="make_hf_engine",
+                                  tp_sharded=False))
+ENGINES.register("vllm", EngineSpec(module="remix_megatron.rollout.vllm_engine", factory="make_vllm_engine",
+                                    tp_sharded=True))
+ENGINES.register("sglang", EngineSpec(module="remix_megatron.rollout.sglang_engine", factory="make_sglang_engine",
+                                      tp_sharded=True))
 
 
 def context_length(rollout: "RolloutConfig", model: "ModelConfig") -> int:

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from remix_megatron.rollout.engine import ENGINES, Generation, SamplingParams
+from remix_megatron.rollout.engine import Generation, SamplingParams
 
 
 class HFEngine:
@@ -120,5 +120,3 @@ def make_hf_engine(rollout, model, state, hf_dir: str, *, seed: int = 0) -> HFEn
     return HFEngine(hf_dir, device=state.runtime.device, dtype=state.runtime.params_dtype,
                     batch_size=rollout.hf_batch_size)
 
-
-ENGINES.register("hf", make_hf_engine)

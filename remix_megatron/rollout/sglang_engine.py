@@ -52,7 +52,11 @@ import torch
 import torch.distributed as dist
 
 from remix_megatron.rollout.engine import (
-    ENGINES, Generation, SamplingParams, context_length, import_engine_package, token_id_lists,
+    Generation,
+    SamplingParams,
+    context_length,
+    import_engine_package,
+    token_id_lists,
 )
 
 if TYPE_CHECKING:
@@ -325,5 +329,3 @@ def make_sglang_engine(rollout: RolloutConfig, model: ModelConfig, state: Parall
                         context_length=sglang_context_length(rollout, model), seed=seed,
                         bucket_bytes=rollout.weight_sync_bucket_mb * 2**20, dtype=rollout.engine_dtype)
 
-
-ENGINES.register("sglang", make_sglang_engine)

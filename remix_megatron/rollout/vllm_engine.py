@@ -71,7 +71,11 @@ import torch
 import torch.distributed as dist
 
 from remix_megatron.rollout.engine import (
-    ENGINES, Generation, SamplingParams, context_length, import_engine_package, token_id_lists,
+    Generation,
+    SamplingParams,
+    context_length,
+    import_engine_package,
+    token_id_lists,
 )
 
 if TYPE_CHECKING:
@@ -332,5 +336,3 @@ def make_vllm_engine(rollout: RolloutConfig, model: ModelConfig, state: Parallel
                       max_model_len=context_length(rollout, model), seed=seed, dtype=rollout.engine_dtype,
                       cpu_kv_cache_bytes=int(rollout.cpu_kv_cache_gb * 2**30))
 
-
-ENGINES.register("vllm", make_vllm_engine)

@@ -18,17 +18,24 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable
 
 import numpy as np
 
 from remix_megatron.algorithms.schedules import fresh_prompts
 from remix_megatron.config.schema import REPLAY_SHORTAGE as SHORTAGE_POLICIES
-from remix_megatron.config.schema import REPLAY_WEIGHTINGS as WEIGHTINGS
+from remix_megatron.registry import Registry
 from remix_megatron.store.record import Trajectory
 from remix_megatron.store.store import TrajectoryStore
 
 logger = logging.getLogger(__name__)
+
+#: name -> f(ages [groups] in iterations (>= 1), age_decay) -> sampling weights [groups], or None for uniform
+ReplayWeighting = Callable[[np.ndarray, float], "np.ndarray | None"]
+REPLAY_WEIGHTINGS: Registry[ReplayWeighting] = Registry("replay weighting")
+# None, not equal weights: numpy's choice draws differently with p given, and uniform runs keep their batches
+REPLAY_WEIGHTINGS.register("uniform", lambda ages, age_decay: None)
+REPLAY_WEIGHTINGS.register("age", lambda ages, age_decay: age_decay ** (ages - 1))
 
 
 @dataclass(frozen=True)
@@ -64,8 +71,7 @@ class MixedSampler:
         if groups_per_step < 1 or window < 0 or fresh_multiple_of < 1:
             raise ValueError(f"groups_per_step={groups_per_step} and fresh_multiple_of={fresh_multiple_of} must be "
                              f">= 1, window={window} >= 0")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting={weighting!r} is not one of {', '.join(WEIGHTINGS)}")
+        REPLAY_WEIGHTINGS.get(weighting)  # ValueError listing the registered ones
         if shortage not in SHORTAGE_POLICIES:
             raise ValueError(f"shortage={shortage!r} is not one of {', '.join(SHORTAGE_POLICIES)}")
         if not 0 < age_decay <= 1:
@@ -115,11 +121,10 @@ class MixedSampler:
         if count < replay_target:
             logger.warning("iteration %d: the replay window holds %d groups, %d asked; replaying %d", iteration,
                            len(pool), replay_target, count)
-        weights = None
-        if self.weighting == "age" and pool:
-            ages = np.array([iteration - g.iteration for g in pool], dtype=np.float64)
-            weights = self.age_decay ** (ages - 1)
-            weights /= weights.sum()
+        ages = np.array([iteration - g.iteration for g in pool], dtype=np.float64)
+        weights = REPLAY_WEIGHTINGS.get(self.weighting)(ages, self.age_decay) if pool else None
+        if weights is not None:
+            weights = weights / weights.sum()
         replay_pick = rng.choice(len(pool), size=count, replace=False, p=weights) if count else []
         groups = [fresh_pool[i] for i in fresh_pick] + [pool[i] for i in replay_pick]
         order = rng.permutation(len(groups))

@@ -47,12 +47,16 @@ import numpy as np
 import pyarrow as pa
 
 from remix_megatron.fileio import atomic_write_text, fsync_dir
+from remix_megatron.registry import Registry
 from remix_megatron.store.record import SCHEMA_VERSION, Trajectory, arrow_schema, from_table, to_table
 
 FORMAT = "remix-trajectory-store"
 LAYOUT_VERSION = 3  # 1: Parquet shards (page CRCs); 2: Arrow IPC shards with a CRC32 batch index; 3: + INDEX.json
-COMPRESSIONS = ("zstd", "lz4", "none")  # per record-batch buffer; readers need not know which
-_CODECS = {"zstd": "zstd", "lz4": "lz4", "none": None}
+#: store.compression -> the Arrow IPC codec of each record-batch buffer (readers need not know which)
+COMPRESSIONS: Registry[str | None] = Registry("store compression")
+COMPRESSIONS.register("zstd", "zstd")
+COMPRESSIONS.register("lz4", "lz4")
+COMPRESSIONS.register("none", None)
 _ITER = re.compile(r"^iter_(\d{8})$")
 _SHARD = re.compile(r"^shard_r(\d{5})\.arrow$")
 _MANIFEST = re.compile(r"^iter_(\d{8})\.json$")
@@ -176,7 +180,7 @@ class ShardWriter:
         self._handle = open(self._tmp, "wb")
         self._sink = _ChecksummingFile(self._handle)
         self._writer = pa.ipc.new_file(pa.PythonFile(self._sink, mode="w"), arrow_schema(store.extra_columns),
-                                       options=pa.ipc.IpcWriteOptions(compression=_CODECS[store.compression],
+                                       options=pa.ipc.IpcWriteOptions(compression=COMPRESSIONS.get(store.compression),
                                                                       use_threads=True))
         self.rows, self._batches, self._group_ids = 0, [], []
         self._reward_sum = self._length_sum = 0.0
@@ -238,8 +242,7 @@ class TrajectoryStore:
 
     def __init__(self, root: Path, extra_columns: tuple[str, ...], row_group_size: int,
                  compression: str = "zstd") -> None:
-        if compression not in COMPRESSIONS:
-            raise ValueError(f"compression={compression!r} is not one of {', '.join(COMPRESSIONS)}")
+        COMPRESSIONS.get(compression)  # ValueError listing the registered ones
         self.root, self.extra_columns, self.row_group_size = root, extra_columns, row_group_size
         self.compression = compression
         # Published iterations are immutable; a cache entry is valid while its manifest file is

@@ -10,7 +10,13 @@ import pytest
 import yaml
 
 from remix_megatron.config import (
-    MODEL_PRESETS, ConfigError, ExperimentConfig, load_config, read_yaml, reference_yaml, save_config,
+    MODEL_PRESETS,
+    ConfigError,
+    ExperimentConfig,
+    load_config,
+    read_yaml,
+    reference_yaml,
+    save_config,
     validate_layout,
 )
 from tests.conftest import REPO
@@ -94,7 +100,7 @@ def test_bad_overrides(override, expected):
     ("parallel.sequence_parallel=true", "sequence_parallel=true needs parallel.tensor_parallel > 1"),
     ("model.num_query_groups=3", "num_attention_heads=4 is not divisible by model.num_query_groups=3"),
     ("model.hidden_size=130", "hidden_size=130 is not divisible by model.num_attention_heads=4"),
-    ("model.family=gpt2", "model.family='gpt2' is not one of qwen2, llama"),
+    ("model.family=gpt2", r"model.family: unknown model family 'gpt2'\. Known: llama, qwen2"),
     ("actor_optimizer.lr=0", "lr=0.0 must be > 0"),
     ("trainer.global_batch_size=6", "global_batch_size=6 is not divisible by trainer.micro_batch_size=4"),
     ("model.preset=qwen2-tin", "unknown model preset 'qwen2-tin'.*did you mean 'qwen2-tiny'"),

@@ -20,14 +20,15 @@ import torch
 
 from remix_megatron.config import ModelConfig, RolloutConfig
 from remix_megatron.parallel import ParallelState, Runtime
+from remix_megatron.rollout import get_engine_factory
 from remix_megatron.rollout.engine import ENGINES, SamplingParams, context_length, token_id_lists
 from remix_megatron.rollout.sglang_engine import (
     SGLangEngine,
     group_generations,
     make_sglang_engine,
+    sglang_context_length,
     sglang_finish_reason,
     sglang_output_to_generation,
-    sglang_context_length,
     sglang_requests,
     sglang_sampling_params,
 )
@@ -396,8 +397,8 @@ def test_group_generations_regroups_by_prompt():
 
 
 def test_both_engines_are_registered():
-    assert "vllm" in ENGINES and "sglang" in ENGINES
-    assert ENGINES.get("vllm") is make_vllm_engine and ENGINES.get("sglang") is make_sglang_engine
+    assert "vllm" in ENGINES and "sglang" in ENGINES and ENGINES.get("vllm").tp_sharded
+    assert get_engine_factory("vllm") is make_vllm_engine and get_engine_factory("sglang") is make_sglang_engine
 
 
 @pytest.mark.parametrize("name, factory, hint", [
@@ -466,7 +467,7 @@ def test_engine_round_trip_on_gpu(name, tmp_path, gpu_world):
     hf_dir = make_hf_model("qwen2", tmp_path / "hf", hidden_size=256, intermediate_size=512)
     rollout = RolloutConfig(engine=name, max_prompt_tokens=32, max_new_tokens=16, gpu_memory_utilization=0.3,
                             weight_sync_bucket_mb=1)
-    engine = ENGINES.get(name)(rollout, MODEL, gpu_world, str(hf_dir), seed=0)
+    engine = get_engine_factory(name)(rollout, MODEL, gpu_world, str(hf_dir), seed=0)
     try:
         prompts = [[1, 2, 3, 4], [10, 11]]
         greedy = SamplingParams(temperature=0.0, max_new_tokens=8)

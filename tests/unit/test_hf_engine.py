@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from remix_megatron.rollout import ENGINES, SamplingParams
+from remix_megatron.rollout import ENGINES, SamplingParams, get_engine_factory
 from remix_megatron.rollout.hf_engine import HFEngine
 from tests.hf_models import make_hf_model
 
@@ -114,7 +114,7 @@ def test_batch_size_splits_prompts_without_changing_greedy_results(hf_dirs):
     from remix_megatron.config import RolloutConfig
 
     state = SimpleNamespace(runtime=SimpleNamespace(device=torch.device("cpu"), params_dtype=torch.float32))
-    engine = ENGINES.get("hf")(RolloutConfig(hf_batch_size=2), None, state, str(hf_dirs[0]))
+    engine = get_engine_factory("hf")(RolloutConfig(hf_batch_size=2), None, state, str(hf_dirs[0]))
     assert engine.batch_size == 2
     calls = []
     original = engine._generate_batch

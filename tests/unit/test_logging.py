@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
-from remix_megatron.config import load_config
+from remix_megatron.config import ConfigError, load_config
 from remix_megatron.console import format_rate, format_value, iteration_line
 from remix_megatron.metrics_log import WandbLogger, check_loggers, scalars, wandb_credentials_found
+from remix_megatron.validation import validate
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.unit
@@ -68,8 +69,10 @@ def test_missing_tensorboard_is_a_config_error_before_the_run(monkeypatch):
 
 
 def test_unknown_logger_is_refused():
-    with pytest.raises(ValueError, match="trainer.loggers entry='mlflow' is not one of jsonl, wandb, tensorboard"):
-        load_config(REPO / "configs" / "tiny_remix_ppo.yaml", ["trainer.loggers=[mlflow]"])
+    cfg = load_config(REPO / "configs" / "tiny_remix_ppo.yaml", ["trainer.loggers=[mlflow]"])
+    known = r"trainer.loggers: unknown logger 'mlflow'\. Known: jsonl, tensorboard, wandb"
+    with pytest.raises(ConfigError, match=known):
+        validate(cfg, training=False)
 
 
 def test_scalars_keep_finite_numbers():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-import numpy as np
 import pytest
 
 from remix_megatron.store import MixedSampler, open_store
@@ -117,7 +116,7 @@ def test_reads_only_the_rows_it_needs(tmp_path, monkeypatch):
 
 
 def test_invalid_settings():
-    with pytest.raises(ValueError, match="weighting='recent'"):
+    with pytest.raises(ValueError, match="unknown replay weighting 'recent'. Known: age, uniform"):
         MixedSampler(groups_per_step=4, window=2, weighting="recent")
     with pytest.raises(ValueError, match="shortage='skip'"):
         MixedSampler(groups_per_step=4, window=2, shortage="skip")
