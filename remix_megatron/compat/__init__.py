@@ -23,9 +23,9 @@ MEGATRON_CORE_VERSION = "0.16.1"
 #: forward passes, TP/PP sharding, export and checkpointing. Not counted there:
 #: ``parallel_state.is_initialized()``, which megatron's group-or-default helper calls on every
 #: use to see whether the globals exist; it reads no group and returns the group passed.
-#: Outside those paths megatron's globals also serve ``model_parallel_cuda_manual_seed``
-#: (parallel.py seeds the TP/EP RNG streams from the global ranks) and the CUDA RNG tracker.
-#: The TransformerEngine spec (GPU) replaces both readers below and is not traced here.
+#: Also reading them, in parallel.py: ``model_parallel_cuda_manual_seed`` (seeds the TP/EP RNG
+#: streams from the global ranks). The TransformerEngine spec (GPU) uses neither layer below;
+#: what it reads is not traced here (no GPU).
 GLOBAL_PARALLEL_STATE_READERS = {
     "megatron.core.tensor_parallel.layers.linear_with_grad_accumulation_and_async_allreduce": (
         ("get_tensor_model_parallel_group",),

@@ -97,8 +97,9 @@ def make_trainable(chunks: list[torch.nn.Module], optim: OptimizerConfig, parall
         clip_grad=optim.clip_grad, bf16=bf16, fp16=False, params_dtype=state.runtime.params_dtype,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
-    # megatron-core rejects gloo DP groups together with a pg_collection; they serve only the
-    # legacy dp_zero optimizer-state formats (our checkpoints use fully_sharded_model_space).
+    # megatron-core rejects gloo DP groups together with a pg_collection; only optimizer-state
+    # formats that gather over gloo use them (save_parameter_state, memory-efficient
+    # fully_reshardable), not ours (fully_sharded_model_space).
     optimizer = get_megatron_optimizer(megatron_config, wrapped, use_gloo_process_groups=False,
                                        pg_collection=state.pg_collection)
     return TrainableModel(chunks=wrapped, optimizer=optimizer)
