@@ -65,11 +65,15 @@ def _chunks(model: Model) -> list[torch.nn.Module]:
     return model.unwrapped() if isinstance(model, TrainableModel) else list(model)
 
 
-def _sharded_state(models: Mapping[str, Model], *, is_loading: bool, with_optimizer: bool) -> dict:
+def _sharded_state(models: Mapping[str, Model], state: ParallelState, *, is_loading: bool, with_optimizer: bool
+                   ) -> dict:
     """{name: {"model0": ..., ["optimizer": ...]}} with ShardedTensor keys prefixed by the model name."""
     out = {}
     for name, model in models.items():
-        entry = {f"model{i}": chunk.sharded_state_dict(prefix=f"{name}.") for i, chunk in enumerate(_chunks(model))}
+        # the DP group that numbers replicas; without it megatron reads its global one
+        entry = {f"model{i}": chunk.sharded_state_dict(prefix=f"{name}.",
+                                                       metadata={"dp_cp_group": state.pg_collection.dp_cp})
+                 for i, chunk in enumerate(_chunks(model))}
         if with_optimizer and isinstance(model, TrainableModel):
             entry["optimizer"] = model.optimizer.sharded_state_dict(dict(entry), is_loading=is_loading)
         out[name] = entry
@@ -132,7 +136,8 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, models: Mapping[str
     dist.barrier()
     in_process_checkpoint_writes()
     try:
-        dist_checkpointing.save(_sharded_state(models, is_loading=False, with_optimizer=True), str(staging / "dist"))
+        dist_checkpointing.save(_sharded_state(models, state, is_loading=False, with_optimizer=True),
+                                str(staging / "dist"))
         tensors, plain = _rng_state()
         save_file(tensors, str(staging / "rng" / f"rank_{state.rank:05d}.safetensors"))
         (staging / "rng" / f"rank_{state.rank:05d}.json").write_text(json.dumps(plain))
@@ -261,7 +266,7 @@ def load_checkpoint(root: str | os.PathLike, models: Mapping[str, Model], state:
     if missing:
         raise CheckpointError(f"{directory} holds models {payload['models']}, not {missing}")
     check_dist_metadata(directory / "dist")
-    sharded = _sharded_state(models, is_loading=True, with_optimizer=load_optimizer)
+    sharded = _sharded_state(models, state, is_loading=True, with_optimizer=load_optimizer)
     try:
         with warnings.catch_warnings():
             # megatron-core 0.16.1's torch_dist loader calls torch's deprecated load_state_dict and builds

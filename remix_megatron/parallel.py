@@ -1,7 +1,9 @@
 """torch.distributed and Megatron parallel state, built once and described by one object.
 
 This is the only module that touches Megatron's global ``parallel_state``; everything else
-receives a ``ParallelState`` (ranks, sizes, process groups) as an argument.
+receives a ``ParallelState`` (ranks, sizes, process groups) as an argument, and passes its
+``pg_collection`` on to the Megatron constructors and schedules that accept one. What inside
+megatron-core still reads the globals is listed in ``compat.GLOBAL_PARALLEL_STATE_READERS``.
 """
 
 from __future__ import annotations
@@ -11,12 +13,16 @@ import importlib.util
 import os
 import socket
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from remix_megatron.compat import check_megatron_version
 from remix_megatron.config import ConfigError, ExperimentConfig, ParallelConfig, validate_layout
+
+if TYPE_CHECKING:
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +82,9 @@ class ParallelState:
     tp_group: dist.ProcessGroup = field(repr=False)
     pp_group: dist.ProcessGroup = field(repr=False)
     dp_group: dist.ProcessGroup = field(repr=False)
+    # Megatron's groups for GPTModel, DDP, the optimizer and the schedules (None where no
+    # Megatron model is built, e.g. an inference engine's stand-alone state)
+    pg_collection: ProcessGroupCollection | None = field(repr=False)
 
     @property
     def is_first_stage(self) -> bool:
@@ -135,6 +144,29 @@ def _start_process_group(runtime: Runtime, timeout_s: int) -> None:
                                 rank=0, world_size=1, timeout=timeout)
 
 
+def _pg_collection(tp_group: dist.ProcessGroup, pp_group: dist.ProcessGroup, dp_group: dist.ProcessGroup
+                   ) -> ProcessGroupCollection:
+    """The groups megatron-core 0.16.1 takes explicitly, from its initialised global ``parallel_state``.
+
+    The same groups its constructors would otherwise fetch themselves (so passing them changes
+    nothing numerically). No context parallelism: ``cp`` holds one rank, ``dp_cp`` the ranks of ``dp``.
+    DDP and the optimizer require the expert groups and ``intra_dist_opt`` even for a dense
+    model (DDP would otherwise create a one-rank expert group on every rank).
+    """
+    from megatron.core import parallel_state as mpu
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    return ProcessGroupCollection(
+        tp=tp_group, pp=pp_group, dp=dp_group, mp=mpu.get_model_parallel_group(),
+        dp_cp=mpu.get_data_parallel_group(with_context_parallel=True), cp=mpu.get_context_parallel_group(),
+        embd=mpu.get_embedding_group(check_initialized=False),
+        pos_embd=mpu.get_position_embedding_group(check_initialized=False),
+        ep=mpu.get_expert_model_parallel_group(), expt_dp=mpu.get_expert_data_parallel_group(),
+        tp_ep_pp=mpu.get_expert_tensor_model_pipeline_parallel_group(),
+        intra_dist_opt=mpu.get_intra_distributed_optimizer_instance_group(),
+    )
+
+
 def init_parallel(cfg: ExperimentConfig) -> ParallelState:
     """Validate the layout for this world size, start torch.distributed and Megatron's groups.
 
@@ -161,6 +193,8 @@ def init_parallel(cfg: ExperimentConfig) -> ParallelState:
     )
     torch.manual_seed(cfg.trainer.seed)
     model_parallel_cuda_manual_seed(cfg.trainer.seed)
+    tp_group, pp_group = mpu.get_tensor_model_parallel_group(), mpu.get_pipeline_model_parallel_group()
+    dp_group = mpu.get_data_parallel_group()
     return ParallelState(
         rank=dist.get_rank(), world_size=dist.get_world_size(),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
@@ -169,8 +203,8 @@ def init_parallel(cfg: ExperimentConfig) -> ParallelState:
         sequence_parallel=par.sequence_parallel,
         tp_rank=mpu.get_tensor_model_parallel_rank(), pp_rank=mpu.get_pipeline_model_parallel_rank(),
         dp_rank=mpu.get_data_parallel_rank(), runtime=runtime,
-        tp_group=mpu.get_tensor_model_parallel_group(), pp_group=mpu.get_pipeline_model_parallel_group(),
-        dp_group=mpu.get_data_parallel_group(),
+        tp_group=tp_group, pp_group=pp_group, dp_group=dp_group,
+        pg_collection=_pg_collection(tp_group, pp_group, dp_group),
     )
 
 

@@ -82,8 +82,13 @@ def _causal_mask(seq_length: int, device: torch.device) -> torch.Tensor:
 
 def run_pipeline(chunks: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch], build_loss: LossBuilder,
                  state: ParallelState, *, forward_only: bool) -> list[dict]:
-    """Run Megatron's forward(-backward) schedule; returns the last stage's logging dicts."""
+    """Run Megatron's forward(-backward) schedule; returns the last stage's logging dicts.
+
+    The schedule gets this layout's groups explicitly (it hands them on to
+    ``finalize_model_grads``); without them it rebuilds both from Megatron's globals.
+    """
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
     if not micro_batches:
         raise ValueError("no micro-batches to run")
@@ -98,11 +103,14 @@ def run_pipeline(chunks: Sequence[torch.nn.Module], micro_batches: Sequence[Micr
         return output, build_loss(batch)
 
     iterators = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
+    schedule = get_forward_backward_func(pp_size=state.pipeline_parallel,
+                                         vp_size=state.virtual_pipeline if state.virtual_pipeline > 1 else None)
+    p2p = P2PCommunicator(pp_group=state.pp_group, config=chunks[0].config)  # unused without pipelining
     with torch.no_grad() if forward_only else torch.enable_grad():
-        return get_forward_backward_func()(
+        return schedule(
             forward_step_func=forward_step, data_iterator=iterators, model=list(chunks),
             num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=batch_size,
-            forward_only=forward_only)
+            forward_only=forward_only, p2p_communicator=p2p, pg_collection=state.pg_collection)
 
 
 def actor_loss_builder(cfg: AlgorithmConfig, state: ParallelState, *, kl_lambda: float) -> LossBuilder:

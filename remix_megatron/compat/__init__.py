@@ -13,6 +13,31 @@ warnings.filterwarnings("ignore", message=r"full scope is deprecated")
 MEGATRON_CORE_VERSION = "0.16.1"
 
 
+#: What inside megatron-core 0.16.1 still reads its global ``parallel_state`` although every
+#: constructor and function that accepts our groups gets them (``ParallelState.pg_collection``:
+#: GPTModel, DDP, get_megatron_optimizer, the forward-backward schedules and their
+#: P2PCommunicator, finalize_model_grads through the schedules, sharded_state_dict's
+#: ``dp_cp_group``, get_transformer_layer_offset's ``pp_rank``). Reader (module.function) ->
+#: (the parallel_state functions it calls, why). Traced on the CPU path (local layer spec,
+#: gloo) by tests/distributed/test_process_groups.py over building, training, optimizer steps,
+#: forward passes, TP/PP sharding, export and checkpointing. Not counted there:
+#: ``parallel_state.is_initialized()``, which megatron's group-or-default helper calls on every
+#: use to see whether the globals exist; it reads no group and returns the group passed.
+#: Also reading them, in parallel.py: ``model_parallel_cuda_manual_seed`` (seeds the TP/EP RNG
+#: streams from the global ranks). The TransformerEngine spec (GPU) uses neither layer below;
+#: what it reads is not traced here (no GPU).
+GLOBAL_PARALLEL_STATE_READERS = {
+    "megatron.core.tensor_parallel.layers.linear_with_grad_accumulation_and_async_allreduce": (
+        ("get_tensor_model_parallel_group",),
+        "RowParallelLinear.forward passes tp_group=None (it reduces its output over its own group "
+        "afterwards); the global group is fetched but unused, as that call asks for neither a dgrad "
+        "all-reduce nor sequence parallelism"),
+    "megatron.core.transformer.dot_product_attention.DotProductAttention.forward": (
+        ("get_global_memory_buffer",),
+        "the attention-score scratch buffer is process-wide; no argument replaces it"),
+}
+
+
 def check_megatron_version() -> str:
     """Return the installed megatron-core version, warning when it is not the pinned one."""
     installed = importlib.metadata.version("megatron-core")

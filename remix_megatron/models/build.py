@@ -74,13 +74,13 @@ class ValueHead(torch.nn.Module):
     ``weight`` directly because Megatron's checkpoint code looks up ``output_layer.weight``.
     Replicated on every TP rank, on a replicated input: with sequence parallelism its input
     arrives split along the sequence, so it first gathers the whole sequence, as Megatron's
-    output layer does (``sequence_parallel``, also read by GPTModel's inference path). Every
-    TP rank then computes identical values and weight gradients, and the gradient of its
-    input is split back (each rank's part of the sequence, not a sum over ranks).
+    output layer does (``sequence_parallel``, also read by GPTModel's inference path), over
+    ``tp_group``. Every TP rank then computes identical values and weight gradients, and the
+    gradient of its input is split back (each rank's part of the sequence, not a sum over ranks).
     """
 
     def __init__(self, hidden_size: int, dtype: torch.dtype, *, init_std: float, seed: int,
-                 sequence_parallel: bool = False) -> None:
+                 tp_group: torch.distributed.ProcessGroup, sequence_parallel: bool = False) -> None:
         super().__init__()
         # A rank-independent generator: every TP rank must start from the same head, since
         # nothing synchronises replicated parameters across TP ranks.
@@ -89,12 +89,14 @@ class ValueHead(torch.nn.Module):
         self.weight = torch.nn.Parameter(weight.to(dtype))
         self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
         self.sequence_parallel = sequence_parallel
+        self.tp_group = tp_group
 
     def forward(self, hidden_states: torch.Tensor, weight=None, runtime_gather_output=None):
         if self.sequence_parallel:
             from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-            hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False,
+                                                                 group=self.tp_group)
         return F.linear(hidden_states, self.weight, self.bias), None
 
 
@@ -116,10 +118,11 @@ def _build_chunks(model: ModelConfig, state: ParallelState, *, critic: bool, see
             position_embedding_type="rope",
             rotary_base=int(model.rotary_base),
             vp_stage=vp_stage if state.virtual_pipeline > 1 else None,
+            pg_collection=state.pg_collection,
         )
         if critic and post:
             gpt.output_layer = ValueHead(model.hidden_size, state.runtime.params_dtype,
-                                         init_std=config.init_method_std, seed=seed,
+                                         init_std=config.init_method_std, seed=seed, tp_group=state.tp_group,
                                          sequence_parallel=config.sequence_parallel)
         chunks.append(gpt.to(state.runtime.device))
     return chunks

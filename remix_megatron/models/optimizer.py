@@ -56,8 +56,8 @@ class TrainableModel:
         for optimizer in optimizers:
             if param in optimizer.optimizer.state:
                 return optimizer.optimizer.state[param][key]
-        raise KeyError(f"no optimizer state for this parameter (bf16 or distributed optimizers keep it on "
-                       f"main-param copies)")
+        raise KeyError("no optimizer state for this parameter (bf16 or distributed optimizers keep it on "
+                       "main-param copies)")
 
     def set_lr(self, lr: float) -> None:
         """The learning rate of the next steps (every parameter group)."""
@@ -76,8 +76,7 @@ def make_trainable(chunks: list[torch.nn.Module], optim: OptimizerConfig, parall
     Gradients are reduced in fp32 after the backward pass (no overlap: simplest and exact);
     the pipeline schedules call ``finalize_model_grads`` for the DP/embedding reductions.
     """
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
     from megatron.core.optimizer import get_megatron_optimizer
 
@@ -85,7 +84,8 @@ def make_trainable(chunks: list[torch.nn.Module], optim: OptimizerConfig, parall
         grad_reduce_in_fp32=True, overlap_grad_reduce=False,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
-    wrapped = [DistributedDataParallel(chunk.config, ddp_config, chunk) for chunk in chunks]
+    wrapped = [DistributedDataParallel(chunk.config, ddp_config, chunk, pg_collection=state.pg_collection)
+               for chunk in chunks]
     no_sync = [chunk.no_sync for chunk in wrapped]
     for chunk in wrapped:
         chunk.config.finalize_model_grads_func = finalize_model_grads
@@ -97,4 +97,9 @@ def make_trainable(chunks: list[torch.nn.Module], optim: OptimizerConfig, parall
         clip_grad=optim.clip_grad, bf16=bf16, fp16=False, params_dtype=state.runtime.params_dtype,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
-    return TrainableModel(chunks=wrapped, optimizer=get_megatron_optimizer(megatron_config, wrapped))
+    # megatron-core rejects gloo DP groups together with a pg_collection; only optimizer-state
+    # formats that gather over gloo use them (save_parameter_state, memory-efficient
+    # fully_reshardable), not ours (fully_sharded_model_space).
+    optimizer = get_megatron_optimizer(megatron_config, wrapped, use_gloo_process_groups=False,
+                                       pg_collection=state.pg_collection)
+    return TrainableModel(chunks=wrapped, optimizer=optimizer)

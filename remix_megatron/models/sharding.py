@@ -25,12 +25,12 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     return getattr(chunk, "module", chunk)
 
 
-def layer_offset(chunk: torch.nn.Module) -> int:
+def layer_offset(chunk: torch.nn.Module, state: ParallelState) -> int:
     """Global index of the chunk's first transformer layer."""
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     model = _unwrap(chunk)
-    return get_transformer_layer_offset(model.config, vp_stage=model.vp_stage)
+    return get_transformer_layer_offset(model.config, vp_stage=model.vp_stage, pp_rank=state.pp_rank)
 
 
 def global_name(local_name: str, offset: int) -> str:
@@ -72,7 +72,7 @@ def load_full_state_dict(chunks: list[torch.nn.Module], full: Mapping[str, torch
     """
     for chunk in chunks:
         model = _unwrap(chunk)
-        offset = layer_offset(model)
+        offset = layer_offset(model, state)
         params = dict(model.named_parameters())
         local = {}
         for name, own in model.state_dict().items():
@@ -115,7 +115,7 @@ def iter_full_tensors(chunks: list[torch.nn.Module], state: ParallelState,
     """
     for chunk in chunks:
         model = _unwrap(chunk)
-        offset = layer_offset(model)
+        offset = layer_offset(model, state)
         for name, param in model.named_parameters():
             tensor = select(name, param)
             if getattr(param, "tensor_model_parallel", False) and state.tensor_parallel > 1:

@@ -37,7 +37,8 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
     hidden, weights = make_inputs()
     part = SEQ // WORLD
     local = hidden[rank * part:(rank + 1) * part].clone().requires_grad_()
-    head = ValueHead(HIDDEN, torch.float32, init_std=0.5, seed=1, sequence_parallel=True)
+    head = ValueHead(HIDDEN, torch.float32, init_std=0.5, seed=1, tp_group=mpu.get_tensor_model_parallel_group(),
+                     sequence_parallel=True)
     values, _ = head(local)
     (values.squeeze(-1) * weights).sum().backward()
     torch.save({"values": values.detach(), "input_grad": local.grad, "weight_grad": head.weight.grad,

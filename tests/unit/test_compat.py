@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.unit
 
@@ -88,3 +91,49 @@ def test_transformer_config_adaptations():
     cpu = transformer_config_adaptations(device_type="cpu", backend="gloo")
     assert cpu["use_cpu_initialization"] and not cpu["batch_p2p_comm"] and not cpu["masked_softmax_fusion"]
     assert transformer_config_adaptations(device_type="cuda", backend="nccl") == {}
+
+
+def _resolve(dotted: str):
+    """The object a dotted name (module path, then attributes) names."""
+    import importlib
+
+    parts = dotted.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            target = importlib.import_module(".".join(parts[:split]))
+        except ModuleNotFoundError:
+            continue
+        for attribute in parts[split:]:
+            target = getattr(target, attribute)
+        return target
+    raise ModuleNotFoundError(dotted)
+
+
+def test_documented_global_readers_are_megatron_functions_that_call_them():
+    """Each entry of GLOBAL_PARALLEL_STATE_READERS (traced by tests/distributed/test_process_groups.py)
+    names a function of the installed megatron-core whose source calls the parallel_state functions listed."""
+    import inspect
+
+    from remix_megatron.compat import GLOBAL_PARALLEL_STATE_READERS
+
+    assert GLOBAL_PARALLEL_STATE_READERS
+    for reader, (names, why) in GLOBAL_PARALLEL_STATE_READERS.items():
+        assert reader.startswith("megatron.core.") and why, reader
+        source = inspect.getsource(_resolve(reader))
+        assert all(name in source for name in names), (reader, names)
+
+
+def _imports_parallel_state(node) -> bool:
+    if isinstance(node, ast.ImportFrom) and node.module:
+        return node.module.startswith("megatron.core.parallel_state") or (
+            node.module == "megatron.core" and any(alias.name == "parallel_state" for alias in node.names))
+    return isinstance(node, ast.Import) and any(a.name.startswith("megatron.core.parallel_state") for a in node.names)
+
+
+def test_only_parallel_py_imports_megatron_parallel_state():
+    """STYLE.md 4: every other module gets its groups from a ParallelState."""
+    package = REPO / "remix_megatron"
+    others = [path for path in sorted(package.rglob("*.py")) if path != package / "parallel.py"]
+    offenders = [str(path.relative_to(REPO)) for path in others
+                 if any(map(_imports_parallel_state, ast.walk(ast.parse(path.read_text()))))]
+    assert offenders == []

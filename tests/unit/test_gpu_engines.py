@@ -53,7 +53,8 @@ def cpu_state() -> ParallelState:
     runtime = Runtime(device=torch.device("cpu"), backend="gloo", params_dtype=torch.float32, transformer_impl="local")
     return ParallelState(rank=0, world_size=1, local_rank=0, tensor_parallel=1, pipeline_parallel=1,
                          virtual_pipeline=1, data_parallel=1, sequence_parallel=False, tp_rank=0, pp_rank=0,
-                         dp_rank=0, runtime=runtime, tp_group=None, pp_group=None, dp_group=None)
+                         dp_rank=0, runtime=runtime, tp_group=None, pp_group=None, dp_group=None,
+                         pg_collection=None)
 
 
 # ---- fakes shaped like vllm/logprobs.py and vllm/outputs.py -------------------------------
@@ -442,7 +443,7 @@ def gpu_world():
     state = ParallelState(rank=0, world_size=1, local_rank=0, tensor_parallel=1, pipeline_parallel=1,
                           virtual_pipeline=1, data_parallel=1, sequence_parallel=False, tp_rank=0, pp_rank=0,
                           dp_rank=0, runtime=runtime, tp_group=dist.group.WORLD, pp_group=dist.group.WORLD,
-                          dp_group=dist.group.WORLD)
+                          dp_group=dist.group.WORLD, pg_collection=None)
     yield state
     if created:
         dist.destroy_process_group()
