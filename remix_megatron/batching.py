@@ -23,12 +23,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from remix_megatron.algorithms import ADVANTAGE_ESTIMATORS, ActorLossInputs, AdvantageInputs, AdvantageOutput
+from remix_megatron.algorithms import (
+    ADVANTAGE_ESTIMATORS, ActorLossInputs, AdvantageInputs, AdvantageOutput, Phase, needs_critic,
+)
 from remix_megatron.algorithms.megatron_adapter import (
     CriticTargets, MicroBatch, forward_logprobs, forward_values, split_micro_batches,
 )
 from remix_megatron.algorithms.mismatch import MISMATCH_CORRECTIONS
-from remix_megatron.config import AlgorithmConfig
+from remix_megatron.config import AlgorithmConfig, ExperimentConfig
 from remix_megatron.parallel import ParallelState
 from remix_megatron.store import Trajectory
 
@@ -247,6 +249,19 @@ def batch_forwards(batch: TrainingBatch, *, actor: Sequence, ref: Sequence | Non
         ref=run(ref, everything, torch.zeros_like(rows.mask)) if ref is not None else None,
         prev=run(prev, not_age1, rows.behaviour) if prev is not None else None,
         values=run(critic, replayed, rows.collected_values, values=True) if critic is not None else None)
+
+
+def single_on_policy_pass(current: Phase, fresh_rows: int, cfg: ExperimentConfig) -> bool:
+    """Whether this iteration trains pi_k's own fresh samples (``fresh_rows`` over all ranks) in
+    one optimizer step and nothing will ever replay them: then the training forward gives their
+    behaviour log-probs and the recompute pass at collection is skipped
+    (``trainer.reuse_training_forward``). Not with a critic (its values are taken in that pass)
+    or a mismatch correction (it weighs the engine's log-probs against the trainer's)."""
+    alg = cfg.algorithm
+    never_replayed = current.off_policy_portion == 0 and (current.reincarnated or alg.off_policy_portion == 0)
+    return (cfg.trainer.reuse_training_forward and never_replayed and current.utd == 1
+            and fresh_rows <= cfg.trainer.global_batch_size and not needs_critic(alg.advantage_estimator)
+            and alg.mismatch_correction == "none")
 
 
 def recompute_behaviour(records: list[Trajectory], *, actor: Sequence, critic: Sequence | None,

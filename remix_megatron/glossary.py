@@ -29,6 +29,8 @@ GLOSSARY: dict[str, str] = {
     "mismatch/kl_engine_trainer": "KL(engine || trainer) per fresh token (k3 estimate; the engine sampled them)",
     "actor/mismatch_weight_mean": "mean engine/trainer mismatch weight on the loss (algorithm.mismatch_correction)",
     "actor/mismatch_weight_zero_frac": "share of tokens the mismatch correction (mis) masked out",
+    "behaviour_recomputed": "1 if the actor recomputed the behaviour log-probs at collection, 0 if the single "
+                            "on-policy pass took them from its own forward (trainer.reuse_training_forward)",
     "actor/lr": "actor learning rate of this iteration",
     "actor/pg_loss": f"policy-gradient loss (Mix-PPG / PPO clip), token mean {_LOSS}",
     "actor/clip_frac": "share of tokens whose ratio the policy loss clipped",

@@ -26,7 +26,7 @@ from remix_megatron.algorithms.drift import adapt_lr_scale, fresh_drift, replay_
 from remix_megatron.algorithms.kl import kl_weights
 from remix_megatron.algorithms.megatron_adapter import actor_loss_builder, critic_loss_builder, reduce_metrics
 from remix_megatron.batching import (
-    PolicyForwards, TrainingBatch, batch_forwards, estimate_advantages, training_micro_batches,
+    PolicyForwards, TrainingBatch, batch_forwards, estimate_advantages, single_on_policy_pass, training_micro_batches,
 )
 from remix_megatron.checkpoint import load_checkpoint, save_checkpoint
 from remix_megatron.config import AlgorithmConfig, ConfigError, ExperimentConfig, config_to_dict, save_config
@@ -243,8 +243,10 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
     fresh = sampler.fresh_to_generate(store, k, current.off_policy_portion)
     interval = cfg.rollout.logprob_check_interval
     critic_chunks = models.critic.chunks if models.critic is not None else None
+    check_gap = bool(interval) and k % interval == 0
+    single = single_on_policy_pass(current, fresh * cfg.rollout.responses_per_prompt, cfg)
     result = collect(k, train_source.next_batch(fresh), cfg, state, engine, tokenizer, grader,
-                     actor=models.actor.chunks, critic=critic_chunks, check_gap=bool(interval) and k % interval == 0)
+                     actor=models.actor.chunks, critic=critic_chunks, check_gap=check_gap, recompute=not single)
     engine.sleep()
     lap("generate")
     if result.logprob_gap is not None:
@@ -277,7 +279,8 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
     seed = (cfg.trainer.seed, k)
     actor_metrics = update(models.actor, utd_passes(actor_batches, utd=current.utd, steps=batch.steps, seed=seed,
                                                     state=state),
-                           actor_loss_builder(alg, state, kl_lambda=weight), state, counters, limit, "actor",
+                           actor_loss_builder(alg, state, kl_lambda=weight, behaviour_from_forward=not result.recomputed),
+                           state, counters, limit, "actor",
                            apply=apply)
     critic_metrics = {}
     if critic_batches is not None:
@@ -285,6 +288,12 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
                                                           seed=seed, state=state),
                                 critic_loss_builder(alg), state, counters, limit, "critic", apply=apply)
     lap("update")
+    gap = result.logprob_gap
+    if not result.recomputed:  # the single pass's own forward against the engine, measured in its loss
+        gap = actor_metrics.pop("engine_logprob_gap", None) if check_gap else None
+        actor_metrics.pop("engine_logprob_gap", None)
+        if gap is not None:
+            check_logprob_gap(gap, cfg.rollout.logprob_check_threshold)
     stats = rollout_stats(result, state)
     counters["rollouts"] += stats["rollouts"]
     record = {"iteration": k, "rollouts_total": counters["rollouts"], "reincarnated": current.reincarnated,
@@ -293,8 +302,9 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
               "replayed_groups": sample.plan.num_replayed, "fresh_groups": sample.plan.num_fresh, **stats,
               **{f"actor/{key}": value for key, value in actor_metrics.items()},
               **{f"critic/{key}": value for key, value in critic_metrics.items()}, **drift, **lap.times}
-    if result.logprob_gap is not None:
-        record["engine_logprob_gap"] = result.logprob_gap
+    record["behaviour_recomputed"] = float(result.recomputed)
+    if gap is not None:
+        record["engine_logprob_gap"] = gap
     record["time/iteration_s"] = sum(lap.times.values())
     return record
 

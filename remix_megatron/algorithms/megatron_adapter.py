@@ -14,7 +14,7 @@ position ``t`` aligned with ``labels[t]``, the token emitted there).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from typing import Callable, Sequence
 
@@ -113,13 +113,23 @@ def run_pipeline(chunks: Sequence[torch.nn.Module], micro_batches: Sequence[Micr
             forward_only=forward_only, p2p_communicator=p2p, pg_collection=state.pg_collection)
 
 
-def actor_loss_builder(cfg: AlgorithmConfig, state: ParallelState, *, kl_lambda: float) -> LossBuilder:
-    """Loss functions for an actor update with the configured ReMix/PPO/GRPO loss."""
+def actor_loss_builder(cfg: AlgorithmConfig, state: ParallelState, *, kl_lambda: float,
+                       behaviour_from_forward: bool = False) -> LossBuilder:
+    """Loss functions for an actor update with the configured ReMix/PPO/GRPO loss.
+
+    ``behaviour_from_forward``: the batch is pi_k's own samples trained in a single optimizer
+    step, so the behaviour (and pi_k) log-probs are this forward's own, detached: the ratio is
+    exactly 1 and no separate pass computes them."""
 
     def loss_func(batch: MicroBatch, logits: torch.Tensor):
         logprobs, entropy = vocab_parallel_logprobs_entropy(logits, batch.labels, state.tp_group)
-        result = actor_loss(logprobs, entropy, batch.actor, cfg, kl_lambda=kl_lambda)
-        return result.numerator, result.denominator, {"metrics": result.metrics}
+        inputs, extra = batch.actor, {}
+        if behaviour_from_forward:  # what the batch carries as behaviour is the engine's: the sync check
+            own = logprobs.detach().to(inputs.behaviour_logprobs.dtype) * inputs.loss_mask
+            extra["engine_logprob_gap"] = Mean.of((own - inputs.behaviour_logprobs).abs(), inputs.loss_mask)
+            inputs = replace(inputs, behaviour_logprobs=own, pik_logprobs=own)
+        result = actor_loss(logprobs, entropy, inputs, cfg, kl_lambda=kl_lambda)
+        return result.numerator, result.denominator, {"metrics": {**result.metrics, **extra}}
 
     return lambda batch: partial(loss_func, batch)
 

@@ -193,6 +193,9 @@ class TrainerConfig:
     console_metrics: list[str] = doc("metrics in each iteration's console line (any metrics.jsonl key; a missing one "
                                      "is left out)", default_factory=lambda: list(CONSOLE_METRICS))
     max_skipped_steps: int = doc("stop after this many optimizer steps in a row skipped for NaN/inf gradients", 3)
+    reuse_training_forward: bool = doc("a single on-policy pass (p = 0 for good, UTD 1, one minibatch, no critic): "
+                                       "take the behaviour log-probs from the training forward itself (ratio "
+                                       "exactly 1) instead of a separate actor pass at collection", True)
     log_unused_kl: bool = doc("run the reference / precedent forward passes even when their KL weight in the loss is "
                               "0 (kl_coef 0, KL-convex off, lambda 1), to log actor/kl_ref, actor/kl_prev and "
                               "drift/*_prev_fresh; off: those passes are skipped and the metrics absent", False)

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from remix_megatron.algorithms.advantages import grpo_advantages
 from remix_megatron.algorithms.drift import malformed
 from remix_megatron.algorithms.mismatch import mismatch_sums
-from remix_megatron.batching import recompute_behaviour
+from remix_megatron.batching import recompute_behaviour, response_spans
 from remix_megatron.config import ExperimentConfig
 from remix_megatron.evaluation import self_reflection
 from remix_megatron.parallel import ParallelState
@@ -26,6 +26,7 @@ class RolloutResult:
     records: list[Trajectory]  # this DP rank's fresh trajectories
     texts: list[str]
     logprob_gap: float | None
+    recomputed: bool = True  # behaviour log-probs recomputed by the actor (else: the engine's)
 
 
 def response_budget(prompts, cfg: ExperimentConfig) -> int:
@@ -35,9 +36,13 @@ def response_budget(prompts, cfg: ExperimentConfig) -> int:
 
 
 def collect(k: int, prompts, cfg: ExperimentConfig, state: ParallelState, engine, tokenizer, grader, *,
-            actor, critic, check_gap: bool) -> RolloutResult:
+            actor, critic, check_gap: bool, recompute: bool = True) -> RolloutResult:
     """Generate this DP rank's share of ``prompts`` with pi_k (``actor``/``critic``: model chunks),
-    score, recompute, build records (with each response's GRPO advantage in its own group)."""
+    score, recompute, build records (with each response's GRPO advantage in its own group).
+
+    ``recompute=False`` (a single on-policy pass, where the training forward itself gives pi_k's
+    log-probs, see ``trainer``): no actor pass; the records carry the engine's sampling
+    log-probs as behaviour, when the engine gives them (else the actor recomputes them anyway)."""
     mine = [(index, prompt) for index, prompt in enumerate(prompts) if index % state.data_parallel == state.dp_rank]
     if not mine:
         return RolloutResult(records=[], texts=[], logprob_gap=None)
@@ -56,9 +61,15 @@ def collect(k: int, prompts, cfg: ExperimentConfig, state: ParallelState, engine
                          response_tokens=g.token_ids, reward=score, behaviour_logprobs=np.zeros(len(g.token_ids)),
                          finish_reason=g.finish_reason, extra={"grpo_advantage": 0.0})
               for (index, prompt, g), score in zip(flat, scores)]
-    behaviour, values = recompute_behaviour(drafts, actor=actor, critic=critic,
-                                            micro_batch_size=cfg.trainer.micro_batch_size,
-                                            seq_length=cfg.trainer.seq_length, state=state)
+    recompute = recompute or critic is not None or any(g.logprobs is None for _, _, g in flat)
+    if recompute:
+        behaviour, values = recompute_behaviour(drafts, actor=actor, critic=critic,
+                                                micro_batch_size=cfg.trainer.micro_batch_size,
+                                                seq_length=cfg.trainer.seq_length, state=state)
+    else:
+        spans = response_spans(drafts, cfg.trainer.seq_length)
+        behaviour = [g.logprobs[: span.stop - span.start] for (_, _, g), span in zip(flat, spans)]
+        values = None
     group_advantage = grpo_advantages(torch.tensor([d.reward for d in drafts]), torch.tensor([d.group_id for d in drafts]),
                                       torch.ones(len(drafts), 1), norm_std=cfg.algorithm.grpo_norm_std,
                                       eps=cfg.algorithm.grpo_eps)[:, 0].tolist()
@@ -72,10 +83,10 @@ def collect(k: int, prompts, cfg: ExperimentConfig, state: ParallelState, engine
             finish_reason=draft.finish_reason if kept == draft.response_length else "length", values=value,
             extra={"grpo_advantage": float(advantage)}, engine_logprobs=None if g.logprobs is None else g.logprobs[:kept]))
     gap = None
-    if check_gap:
+    if check_gap and recompute:  # else the training forward measures it (trainer)
         engine_lp = [g.logprobs[: r.response_length] for (_, _, g), r in zip(flat, records) if g.logprobs is not None]
         gap = logprob_gap(engine_lp, [r.behaviour_logprobs for r in records][: len(engine_lp)])
-    return RolloutResult(records=records, texts=texts, logprob_gap=gap)
+    return RolloutResult(records=records, texts=texts, logprob_gap=gap, recomputed=recompute)
 
 
 def rollout_stats(result: RolloutResult, state: ParallelState) -> dict[str, float]:

@@ -76,3 +76,25 @@ def test_grpo_groups_ignore_the_padding_copies():
                 -(1 / 3) / (1 / 3) ** 0.5]
     torch.testing.assert_close(got[:5], torch.tensor(expected, dtype=got.dtype))
     assert got[5:].abs().sum() == 0  # a group of one has no baseline
+
+
+def test_single_on_policy_pass_only_when_nothing_else_needs_the_behaviour_pass():
+    """The training forward may stand in for the behaviour pass only for a single optimizer step
+    on fresh samples that no later iteration replays, without a critic or mismatch correction."""
+    from remix_megatron.algorithms import phase
+    from remix_megatron.batching import single_on_policy_pass
+    from remix_megatron.config import load_config
+
+    grpo = load_config("configs/tiny_grpo.yaml", ["trainer.global_batch_size=80"])  # 10 prompts x 8: one step
+    assert single_on_policy_pass(phase(1, grpo.algorithm), 80, grpo)
+    assert not single_on_policy_pass(phase(1, grpo.algorithm), 81, grpo)  # two minibatch steps
+    for override in ("trainer.reuse_training_forward=false", "algorithm.utd=2", "algorithm.mismatch_correction=tis"):
+        cfg = load_config("configs/tiny_grpo.yaml", ["trainer.global_batch_size=80", override])
+        assert not single_on_policy_pass(phase(1, cfg.algorithm), 80, cfg), override
+    ppo = load_config("configs/tiny_ppo.yaml", ["trainer.global_batch_size=80"])
+    assert not single_on_policy_pass(phase(1, ppo.algorithm), 80, ppo)  # a critic: its values come from that pass
+    remix = load_config("configs/tiny_remix_grpo.yaml", ["trainer.global_batch_size=80",
+                                                         "algorithm.post_reincarnation_utd=1"])
+    T = remix.algorithm.reincarnation_step
+    assert not single_on_policy_pass(phase(T, remix.algorithm), 80, remix)  # Mix phase: replayed later
+    assert single_on_policy_pass(phase(T + 1, remix.algorithm), 80, remix)  # on-policy for good
