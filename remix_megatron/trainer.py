@@ -257,7 +257,8 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
                                global_batch_size=cfg.trainer.global_batch_size, seq_length=cfg.trainer.seq_length,
                                state=state)
     forwards = batch_forwards(batch, actor=models.actor.chunks, ref=models.ref, prev=models.prev, critic=critic_chunks,
-                              micro_batch_size=cfg.trainer.micro_batch_size, state=state)
+                              micro_batch_size=cfg.trainer.micro_batch_size, state=state,
+                              max_tokens=cfg.trainer.max_tokens_per_micro_batch)
     drift = _drift_metrics(batch, forwards, alg, state)
     copy_weights(models.actor.unwrapped(), models.prev)
     estimate = estimate_advantages(batch, forwards, alg, state)
@@ -269,14 +270,15 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
     _set_learning_rates(k, models, drift, cfg, counters)
     apply, limit = cfg.trainer.control != "no_update", cfg.trainer.max_skipped_steps
     seed = (cfg.trainer.seed, k)
+    budget = dict(max_tokens=cfg.trainer.max_tokens_per_micro_batch, multiple=batch.rows.multiple)
     actor_metrics = update(models.actor, utd_passes(actor_batches, utd=current.utd, steps=batch.steps, seed=seed,
-                                                    state=state),
+                                                    state=state, **budget),
                            actor_loss_builder(alg, state, kl_lambda=weight), state, counters, limit, "actor",
                            apply=apply)
     critic_metrics = {}
     if critic_batches is not None:
         critic_metrics = update(models.critic, utd_passes(critic_batches, utd=current.utd, steps=batch.steps,
-                                                          seed=seed, state=state),
+                                                          seed=seed, state=state, **budget),
                                 critic_loss_builder(alg), state, counters, limit, "critic", apply=apply)
     lap("update")
     stats = rollout_stats(result, state)

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from remix_megatron.algorithms.losses import ActorLossInputs, actor_loss, critic_loss
 from remix_megatron.algorithms.metrics import Max, Mean, Metric, Min, finalize, merge
@@ -51,6 +52,25 @@ class MicroBatch:
         return MicroBatch(tokens=self.tokens.to(device), labels=self.labels.to(device),
                           actor=_map_record(self.actor, move), critic=_map_record(self.critic, move))
 
+    def take(self, rows: Sequence[int], width: int) -> "MicroBatch":
+        """These rows, cut to their first ``width`` positions (``sample_age`` is per row)."""
+        index = torch.as_tensor(list(rows), dtype=torch.long)
+        cut = lambda t: t[index, :width] if t.dim() == 2 else t[index]  # noqa: E731
+        return MicroBatch(tokens=cut(self.tokens), labels=cut(self.labels), actor=_map_record(self.actor, cut),
+                          critic=_map_record(self.critic, cut))
+
+    @staticmethod
+    def concat(batches: Sequence["MicroBatch"]) -> "MicroBatch":
+        """All rows of ``batches`` (of one width) as one micro-batch."""
+        def joined(records):
+            if records[0] is None:
+                return None
+            return type(records[0])(**{f.name: torch.cat([getattr(r, f.name) for r in records])
+                                       for f in fields(records[0])})
+
+        return MicroBatch(tokens=torch.cat([b.tokens for b in batches]), labels=torch.cat([b.labels for b in batches]),
+                          actor=joined([b.actor for b in batches]), critic=joined([b.critic for b in batches]))
+
 
 def _map_record(record, function):
     """Apply ``function`` to every tensor field of a record dataclass (None stays None)."""
@@ -81,19 +101,27 @@ def _causal_mask(seq_length: int, device: torch.device) -> torch.Tensor:
 
 def run_pipeline(chunks: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch], build_loss: LossBuilder,
                  state: ParallelState, *, forward_only: bool) -> list[dict]:
-    """Run Megatron's forward(-backward) schedule; returns the last stage's logging dicts."""
+    """Run Megatron's forward(-backward) schedule; returns the last stage's logging dicts.
+    Micro-batches may differ in rows and width (token-budget batching)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.utils import get_model_config
 
     if not micro_batches:
         raise ValueError("no micro-batches to run")
     batch_size, seq_length = micro_batches[0].tokens.shape
     device = state.runtime.device
-    attention_mask = _causal_mask(seq_length, device)
-    position_ids = torch.arange(seq_length, device=device).unsqueeze(0).expand(batch_size, -1)
+    # Pipeline stages receive into buffers of one [seq, batch, hidden] shape per call unless the
+    # config says shapes vary; then each send is preceded by its shape (an extra small p2p).
+    get_model_config(chunks[0]).variable_seq_lengths = len({tuple(b.tokens.shape) for b in micro_batches}) > 1
+    masks: dict[int, torch.Tensor] = {}
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator).to(device)
-        output = model(batch.tokens, position_ids, attention_mask)
+        rows, width = batch.tokens.shape
+        if width not in masks:
+            masks[width] = _causal_mask(width, device)
+        position_ids = torch.arange(width, device=device).unsqueeze(0).expand(rows, -1)
+        output = model(batch.tokens, position_ids, masks[width])
         return output, build_loss(batch)
 
     iterators = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
@@ -159,23 +187,33 @@ def broadcast_from_last_stage(tensors: list[torch.Tensor] | None, shapes: list[t
     return out
 
 
+def _stacked(parts: list[torch.Tensor], width: int) -> torch.Tensor:
+    """``[rows, w_i]`` parts right-padded with 0 to ``width`` and stacked: ``[sum of rows, width]``."""
+    return torch.cat([F.pad(part.float(), (0, width - part.size(1))) for part in parts])
+
+
+def _output_shape(micro_batches: Sequence[MicroBatch]) -> tuple[int, int]:
+    """``(rows, widest)`` of the micro-batches: the shape of a per-token forward result."""
+    return sum(b.tokens.size(0) for b in micro_batches), max(b.tokens.size(1) for b in micro_batches)
+
+
 def forward_logprobs(chunks: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch], state: ParallelState
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token ``(logprobs, entropy)``, ``[rows of micro_batches, seq]``, on every rank."""
+    """Per-token ``(logprobs, entropy)``, ``[rows of micro_batches, widest]`` (0 right of a
+    narrower micro-batch), on every rank."""
     logs = run_pipeline(chunks, micro_batches, _logprob_builder(state), state, forward_only=True)
-    rows = sum(batch.tokens.size(0) for batch in micro_batches)
-    shape = (rows, micro_batches[0].tokens.size(1))
-    local = [torch.cat([log[key] for log in logs]).float() for key in ("logprobs", "entropy")] if logs else None
+    shape = _output_shape(micro_batches)
+    local = [_stacked([log[key] for log in logs], shape[1]) for key in ("logprobs", "entropy")] if logs else None
     logprobs, entropy = broadcast_from_last_stage(local, [shape, shape], state)
     return logprobs, entropy
 
 
 def forward_values(chunks: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch], state: ParallelState
                    ) -> torch.Tensor:
-    """Per-token critic values ``[rows of micro_batches, seq]`` on every rank."""
+    """Per-token critic values ``[rows of micro_batches, widest]`` on every rank."""
     logs = run_pipeline(chunks, micro_batches, _value_builder(), state, forward_only=True)
-    shape = (sum(batch.tokens.size(0) for batch in micro_batches), micro_batches[0].tokens.size(1))
-    local = [torch.cat([log["values"] for log in logs])] if logs else None
+    shape = _output_shape(micro_batches)
+    local = [_stacked([log["values"] for log in logs], shape[1])] if logs else None
     return broadcast_from_last_stage(local, [shape], state)[0]
 
 

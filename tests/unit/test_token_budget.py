@@ -1,0 +1,109 @@
+"""Token-budget micro-batches: rows grouped longest first under a padded-token budget, each
+micro-batch at its own width, the same rows (and loss inputs) as the fixed-size split."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from remix_megatron.algorithms import ActorLossInputs
+from remix_megatron.algorithms.megatron_adapter import MicroBatch
+from remix_megatron.batching import budget_micro_batches, loss_widths, scatter_rows, token_budget_groups
+from remix_megatron.config import ConfigError, TrainerConfig
+
+pytestmark = pytest.mark.unit
+
+
+def padded_tokens(groups, widths):
+    return sum(len(g) * max(widths[i] for i in g) for g in groups)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_groups_stay_under_the_budget_and_cover_every_row_once(seed):
+    widths = torch.randint(1, 65, (40,), generator=torch.Generator().manual_seed(seed)).tolist()
+    groups = token_budget_groups(widths, 128)
+    assert sorted(i for g in groups for i in g) == list(range(40))
+    for group in groups:
+        assert len(group) * max(widths[i] for i in group) <= 128
+        assert widths[group[0]] == max(widths[i] for i in group)  # longest first: the first row sets the width
+        assert len(group) * widths[group[0]] <= 1.1 * sum(widths[i] for i in group)
+    # greedy runs of sorted rows: the next row would have broken the budget or the padding slack
+    for a, b in zip(groups, groups[1:]):
+        grown = (len(a) + 1) * widths[a[0]]
+        assert grown > 128 or grown > 1.1 * (sum(widths[i] for i in a) + widths[b[0]])
+
+
+def test_groups_by_hand():
+    widths = [8, 32, 30, 8, 64, 31, 16, 16, 16]
+    # sorted: 64 (alone: 2 x 64 > 96); 32, 31, 30 (3 x 32 = 96 <= 96 and <= 1.1 x 93); 16 x 3 (48);
+    # 8, 8 (16 x 4 = 64 > 1.1 x 56: the slack ends the run)
+    assert token_budget_groups(widths, 96) == [[4], [1, 5, 2], [6, 7, 8], [0, 3]]
+    assert token_budget_groups([200, 8], 96) == [[0], [1]]  # a row wider than the budget goes alone
+    # splitting to a count halves the costliest group of several rows: 96 tokens, then [31, 30] (62 > 48)
+    assert token_budget_groups(widths, 96, count=6) == [[4], [1], [5], [2], [6, 7, 8], [0, 3]]
+    assert len(token_budget_groups([8, 8], 96, count=5)) == 2  # no more than one row each
+
+
+def test_padding_ratio_of_a_long_tail_falls_under_1_1():
+    """A long-tailed batch: padding to the longest row costs several times the real tokens; the budget close to 1."""
+    torch.manual_seed(0)
+    widths = [int(w) for w in (torch.distributions.Exponential(1 / 300).sample((256,)).clamp(max=8192) + 16)]
+    real = sum(widths)
+    fixed = sum(8 * max(widths[i:i + 8]) for i in range(0, 256, 8))
+    assert fixed / real > 1.5
+    assert padded_tokens(token_budget_groups(widths, 16384), widths) / real <= 1.1
+
+
+def test_loss_widths_round_the_last_loss_token_up():
+    mask = torch.zeros(3, 20)
+    mask[0, 3:5] = 1  # last token at 4 -> 5 positions -> 8
+    mask[2, 10:17] = 1  # -> 17 -> 20 (at most the width)
+    assert loss_widths(mask, 8) == [8, 0, 20]
+
+
+def micro(rows: int, width: int, lengths, first: int = 0) -> MicroBatch:
+    tokens = torch.arange(first * width, (first + rows) * width).reshape(rows, width)
+    mask = torch.zeros(rows, width)
+    for row, n in enumerate(lengths):
+        mask[row, 1:n] = 1
+    inputs = ActorLossInputs(loss_mask=mask, advantages=tokens.float(), behaviour_logprobs=-mask,
+                             pik_logprobs=-mask, ref_logprobs=-mask, prev_logprobs=-mask,
+                             sample_age=torch.arange(first, first + rows))
+    return MicroBatch(tokens=tokens, labels=tokens + 1, actor=inputs)
+
+
+def test_regrouped_micro_batches_carry_the_same_rows_and_loss_inputs():
+    lengths = [3, 16, 0, 9, 5, 14]
+    whole = MicroBatch.concat([micro(3, 16, lengths[:3]), micro(3, 16, lengths[3:], first=3)])
+    widths = loss_widths(whole.actor.loss_mask, 4)
+    batches, order = budget_micro_batches(whole, widths, 32, group=2)
+    assert sorted(order) == [0, 1, 3, 4, 5]  # row 2 has no loss tokens: left out
+    assert len(batches) % 2 == 0
+    seen = []
+    for batch in batches:
+        rows, width = batch.tokens.shape
+        assert rows * width <= 32
+        if batch.actor.loss_mask.sum() == 0:
+            continue  # a silent copy for the group
+        for r in range(rows):
+            source = order[len(seen)]
+            seen.append(source)
+            assert torch.equal(batch.tokens[r], whole.tokens[source, :width])
+            assert torch.equal(batch.actor.advantages[r], whole.actor.advantages[source, :width])
+            assert int(batch.actor.sample_age[r]) == source
+            assert whole.actor.loss_mask[source, width:].sum() == 0  # nothing of the loss is cut off
+    assert seen == order
+    total = sum(float(b.actor.loss_mask.sum()) for b in batches)
+    assert total == float(whole.actor.loss_mask.sum())
+    values = torch.cat([torch.nn.functional.pad(b.tokens.float(), (0, 16 - b.tokens.size(1))) for b in batches])
+    back = scatter_rows(values, order, 6, 16)
+    for row in order:
+        width = widths[row]
+        assert torch.equal(back[row, :width], whole.tokens[row, :width].float())
+    assert back[2].abs().sum() == 0
+
+
+def test_budget_below_seq_length_is_refused():
+    with pytest.raises(ConfigError, match="max_tokens_per_micro_batch"):
+        TrainerConfig(seq_length=64, max_tokens_per_micro_batch=32)
+    assert TrainerConfig(seq_length=64, max_tokens_per_micro_batch=64).max_tokens_per_micro_batch == 64
