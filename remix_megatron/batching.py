@@ -174,10 +174,11 @@ def budget_micro_batches(whole: MicroBatch, widths: Sequence[int], budget: int, 
     that far), and the row of ``whole`` behind each of their rows, in order."""
     kept = [row for row, width in enumerate(widths) if width > 0]
     if not kept:  # nothing to learn or compute: one silent micro-batch keeps the schedule whole
-        return [masked(whole.take([0], whole.tokens.size(1)))] * padded_count(1, group, count), []
+        return [masked(whole.take([0], whole.tokens.size(1)))] * padded_count(max(count, 1), group), []
     groups = [[kept[i] for i in part] for part in token_budget_groups([widths[row] for row in kept], budget, count)]
     out = [whole.take(rows, widths[rows[0]]) for rows in groups]
-    out += [masked(out[-1])] * (padded_count(len(out), group, count) - len(out))
+    # the count first, then whole groups: ranks that split to ``count`` and ranks that could not end equal
+    out += [masked(out[-1])] * (padded_count(max(len(out), count), group) - len(out))
     return out, [row for rows in groups for row in rows]
 
 

@@ -107,3 +107,13 @@ def test_budget_below_seq_length_is_refused():
     with pytest.raises(ConfigError, match="max_tokens_per_micro_batch"):
         TrainerConfig(seq_length=64, max_tokens_per_micro_batch=32)
     assert TrainerConfig(seq_length=64, max_tokens_per_micro_batch=64).max_tokens_per_micro_batch == 64
+
+
+def test_counts_agreed_across_ranks_stay_equal_in_whole_groups():
+    """Two ranks agree on 5 micro-batches in groups of 2 (interleaved PP): one rank splits its rows
+    to 5, the other has only 3 rows; both run 6, the extra ones silent."""
+    many, few = micro(8, 16, [16] * 8), micro(3, 16, [16, 9, 5])
+    for whole in (many, few):
+        batches, _ = budget_micro_batches(whole, loss_widths(whole.actor.loss_mask, 8), 64, count=5, group=2)
+        assert len(batches) == 6
+        assert sum(float(b.actor.loss_mask.sum()) for b in batches) == float(whole.actor.loss_mask.sum())
