@@ -136,24 +136,25 @@ def pad_rows(records: list, multiple: int, minimum: int = 0) -> tuple[list, int]
 PADDING_SLACK = 0.1
 
 
-def token_budget_groups(widths: Sequence[int], budget: int, count: int = 1) -> list[list[int]]:
-    """Positions of rows of these ``widths`` grouped into micro-batches whose padded tokens (rows x
-    the widest) stay within ``budget`` and within ``1 + PADDING_SLACK`` of their real tokens: rows
-    longest first, each micro-batch a run of that order (runs of sorted rows pad least), a row
-    wider than the budget alone; then the costliest micro-batch of several rows is halved until
-    there are ``count``."""
+def token_budget_groups(widths: Sequence[int], budget: int, count: int = 1, *, packed: bool = False) -> list[list[int]]:
+    """Positions of rows of these ``widths`` grouped into micro-batches whose tokens stay within
+    ``budget``: padded (rows x the widest, and within ``1 + PADDING_SLACK`` of their real tokens),
+    or ``packed`` end to end (their sum). Rows go longest first, each micro-batch a run of that
+    order (runs of sorted rows pad least), a row wider than the budget alone; then the costliest
+    micro-batch of several rows is halved until there are ``count``."""
+    def cost(rows: list[int]) -> int:
+        return sum(widths[i] for i in rows) if packed else len(rows) * widths[rows[0]]
+
     groups: list[list[int]] = []
-    real = 0
     for row in sorted(range(len(widths)), key=lambda i: -widths[i]):
-        padded = (len(groups[-1]) + 1) * widths[groups[-1][0]] if groups else 0
-        if groups and padded <= budget and padded <= (1 + PADDING_SLACK) * (real + widths[row]):
-            groups[-1].append(row)
-            real += widths[row]
+        grown = groups[-1] + [row] if groups else [row]
+        real = sum(widths[i] for i in grown)
+        if groups and cost(grown) <= budget and (packed or cost(grown) <= (1 + PADDING_SLACK) * real):
+            groups[-1] = grown
         else:
             groups.append([row])
-            real = widths[row]
     while len(groups) < count and any(len(group) > 1 for group in groups):
-        costliest = max((i for i, g in enumerate(groups) if len(g) > 1), key=lambda i: len(groups[i]) * widths[groups[i][0]])
+        costliest = max((i for i, g in enumerate(groups) if len(g) > 1), key=lambda i: cost(groups[i]))
         group = groups.pop(costliest)
         groups[costliest:costliest] = [group[: len(group) // 2], group[len(group) // 2:]]
     return groups
@@ -166,20 +167,32 @@ def loss_widths(mask: torch.Tensor, multiple: int) -> list[int]:
     return [min(-(-int(n) // multiple) * multiple, mask.size(1)) for n in last]
 
 
-def budget_micro_batches(whole: MicroBatch, widths: Sequence[int], budget: int, count: int = 1, group: int = 1
-                         ) -> tuple[list[MicroBatch], list[int]]:
+def budget_micro_batches(whole: MicroBatch, widths: Sequence[int], budget: int, count: int = 1, group: int = 1,
+                         packed: int = 0) -> tuple[list[MicroBatch], list[int]]:
     """The rows of ``whole`` regrouped under the token budget, each micro-batch cut to its widest
-    row's ``widths``; rows of width 0 (nothing to compute) are left out. Returns at least
-    ``count`` micro-batches, a multiple of ``group`` (silent copies where the rows do not split
-    that far), and the row of ``whole`` behind each of their rows, in order."""
+    row's ``widths``, or with ``packed`` (a multiple for the packed length, TP's) each micro-batch
+    its rows' ``widths`` positions end to end (THD); rows of width 0 (nothing to compute) are
+    left out. Returns at least ``count`` micro-batches, a multiple of ``group`` (silent copies
+    where the rows do not split that far), and the row of ``whole`` behind each of their rows."""
     kept = [row for row, width in enumerate(widths) if width > 0]
     if not kept:  # nothing to learn or compute: one silent micro-batch keeps the schedule whole
         return [masked(whole.take([0], whole.tokens.size(1)))] * padded_count(max(count, 1), group), []
-    groups = [[kept[i] for i in part] for part in token_budget_groups([widths[row] for row in kept], budget, count)]
+    groups = [[kept[i] for i in part]
+              for part in token_budget_groups([widths[row] for row in kept], budget, count, packed=bool(packed))]
     out = [whole.take(rows, widths[rows[0]]) for rows in groups]
+    if packed:
+        out = [batch.packed([widths[row] for row in rows], packed) for batch, rows in zip(out, groups)]
     # the count first, then whole groups: ranks that split to ``count`` and ranks that could not end equal
     out += [masked(out[-1])] * (padded_count(max(len(out), count), group) - len(out))
     return out, [row for rows in groups for row in rows]
+
+
+def budget_split(whole: MicroBatch, mask: torch.Tensor, budget: int, multiple: int, *, count: int = 1, group: int = 1,
+                 packed: bool = False) -> tuple[list[MicroBatch], list[int]]:
+    """``budget_micro_batches`` of ``whole`` with each row's width from its ``mask``: rounded up to
+    ``multiple``, or ``packed`` exact (the packed length is then the multiple)."""
+    widths = loss_widths(mask, 1 if packed else multiple)
+    return budget_micro_batches(whole, widths, budget, count, group, multiple if packed else 0)
 
 
 def scatter_rows(computed: torch.Tensor, order: list[int], rows: int, width: int) -> torch.Tensor:
@@ -189,18 +202,19 @@ def scatter_rows(computed: torch.Tensor, order: list[int], rows: int, width: int
     return out
 
 
-def budget_minibatches(parts: list[list[MicroBatch]], budget: int, multiple: int, state: ParallelState
-                       ) -> list[list[MicroBatch]]:
+def budget_minibatches(parts: list[list[MicroBatch]], budget: int, multiple: int, state: ParallelState, *,
+                       packed: bool = False) -> list[list[MicroBatch]]:
     """Each minibatch's rows (those of its fixed-size micro-batches) regrouped under the token
     budget. Every DP rank gets the same number of micro-batches per minibatch, the most any rank
     needs, spread by halving its costliest ones (a multiple of the interleaved schedule's group)."""
     wholes = [MicroBatch.concat(part) for part in parts]
-    widths = [loss_widths(_loss_mask(whole), multiple) for whole in wholes]
-    counts = torch.tensor([len(token_budget_groups([w for w in row_widths if w], budget)) for row_widths in widths])
+    widths = [loss_widths(_loss_mask(whole), 1 if packed else multiple) for whole in wholes]
+    counts = torch.tensor([len(token_budget_groups([w for w in row_widths if w], budget, packed=packed))
+                           for row_widths in widths])
     dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=state.dp_group)
     group = micro_batch_group(state)
-    return [budget_micro_batches(whole, row_widths, budget, int(count), group)[0]
-            for whole, row_widths, count in zip(wholes, widths, counts)]
+    return [budget_split(whole, _loss_mask(whole), budget, multiple, count=int(count), group=group, packed=packed)[0]
+            for whole, count in zip(wholes, counts)]
 
 
 def _loss_mask(batch: MicroBatch) -> torch.Tensor:
@@ -274,10 +288,12 @@ class PolicyForwards:
 
 
 def rows_forward(forward: Callable[[list[MicroBatch]], torch.Tensor], rows: PackedRows, needed: torch.Tensor,
-                 known: torch.Tensor, micro_batch_size: int, group: int, max_tokens: int = 0) -> torch.Tensor:
+                 known: torch.Tensor, micro_batch_size: int, group: int, max_tokens: int = 0,
+                 packed: bool = False) -> torch.Tensor:
     """``known`` with the rows where ``needed`` replaced by ``forward`` of those rows only; 0
     outside the mask. The needed rows are selected from the packing (same positions) and padded
-    to whole micro-batches (a multiple of ``group``), or grouped under ``max_tokens`` when set;
+    to whole micro-batches (a multiple of ``group``), or grouped under ``max_tokens`` when set
+    (``packed``: end to end);
     nothing runs when none is needed (rows without loss tokens, the padding copies, never are)."""
     mask = rows.mask
     index = (needed & (mask.sum(-1) > 0)).nonzero().flatten().tolist()
@@ -286,8 +302,8 @@ def rows_forward(forward: Callable[[list[MicroBatch]], torch.Tensor], rows: Pack
         return out
     if max_tokens:
         selected = rows.select(index)
-        micro, order = budget_micro_batches(selected.micro_batches(len(index))[0],
-                                            loss_widths(selected.mask, rows.multiple), max_tokens, group=group)
+        micro, order = budget_split(selected.micro_batches(len(index))[0], selected.mask, max_tokens, rows.multiple,
+                                    group=group, packed=packed)
         width = selected.width
         out[index, :width] = scatter_rows(forward(micro), order, len(index), width) * mask[index, :width]
         return out
@@ -300,7 +316,7 @@ def rows_forward(forward: Callable[[list[MicroBatch]], torch.Tensor], rows: Pack
 
 def batch_forwards(batch: TrainingBatch, *, actor: Sequence, ref: Sequence, prev: Sequence, critic: Sequence | None,
                    micro_batch_size: int, state: ParallelState, reuse_known: bool = True,
-                   max_tokens: int = 0) -> PolicyForwards:
+                   max_tokens: int = 0, packed: bool = False) -> PolicyForwards:
     """pi_k, reference and precedent log-probs and critic values on the batch (model chunks given).
 
     Passes whose result is already known are skipped (``reuse_known``): pi_k on fresh rows is
@@ -320,7 +336,7 @@ def batch_forwards(batch: TrainingBatch, *, actor: Sequence, ref: Sequence, prev
             forward = lambda micro: forward_values(chunks, micro, state)  # noqa: E731
         else:
             forward = lambda micro: forward_logprobs(chunks, micro, state)[0]  # noqa: E731
-        return rows_forward(forward, rows, needed, known, micro_batch_size, group, max_tokens)
+        return rows_forward(forward, rows, needed, known, micro_batch_size, group, max_tokens, packed)
 
     return PolicyForwards(
         pik=run(actor, replayed, rows.behaviour),
@@ -330,20 +346,20 @@ def batch_forwards(batch: TrainingBatch, *, actor: Sequence, ref: Sequence, prev
 
 
 def recompute_behaviour(records: list[Trajectory], *, actor: Sequence, critic: Sequence | None,
-                        micro_batch_size: int, seq_length: int, state: ParallelState, max_tokens: int = 0
-                        ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+                        micro_batch_size: int, seq_length: int, state: ParallelState, max_tokens: int = 0,
+                        packed: bool = False) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
     """The actor's log-probs (and the critic's values) on each record's kept response tokens
-    (in micro-batches of ``micro_batch_size`` rows, or under ``max_tokens`` when set)."""
+    (in micro-batches of ``micro_batch_size`` rows, or under ``max_tokens`` when set, ``packed``
+    end to end)."""
     if not records:
         return [], ([] if critic is not None else None)
     if max_tokens:
-        packed = pack(records, seq_length, multiple=pack_multiple(state))
-        micro, order = budget_micro_batches(packed.micro_batches(len(records))[0],
-                                            loss_widths(packed.mask, packed.multiple), max_tokens,
-                                            group=micro_batch_group(state))
-        logprobs = scatter_rows(forward_logprobs(actor, micro, state)[0], order, len(records), packed.width)
+        rows = pack(records, seq_length, multiple=pack_multiple(state))
+        micro, order = budget_split(rows.micro_batches(len(records))[0], rows.mask, max_tokens, rows.multiple,
+                                    group=micro_batch_group(state), packed=packed)
+        logprobs = scatter_rows(forward_logprobs(actor, micro, state)[0], order, len(records), rows.width)
         values = None if critic is None else scatter_rows(forward_values(critic, micro, state), order, len(records),
-                                                          packed.width)
+                                                          rows.width)
     else:
         padded, _ = pad_rows(records, micro_batch_size * micro_batch_group(state))
         micro = pack(padded, seq_length, multiple=pack_multiple(state)).micro_batches(micro_batch_size)
@@ -370,7 +386,7 @@ def masked(batch: MicroBatch) -> MicroBatch:
     """A copy of ``batch`` that contributes nothing: no loss tokens, so no loss, gradient,
     token count or metric (padding for the interleaved schedule)."""
     silent = lambda record: None if record is None else replace(record, loss_mask=torch.zeros_like(record.loss_mask))  # noqa: E731
-    return MicroBatch(tokens=batch.tokens, labels=batch.labels, actor=silent(batch.actor), critic=silent(batch.critic))
+    return replace(batch, actor=silent(batch.actor), critic=silent(batch.critic))
 
 
 def minibatches(micro_batches: list, steps: int, seed: Sequence[int], group: int = 1) -> list[list]:

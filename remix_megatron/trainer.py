@@ -258,7 +258,7 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
                                state=state)
     forwards = batch_forwards(batch, actor=models.actor.chunks, ref=models.ref, prev=models.prev, critic=critic_chunks,
                               micro_batch_size=cfg.trainer.micro_batch_size, state=state,
-                              max_tokens=cfg.trainer.max_tokens_per_micro_batch)
+                              max_tokens=cfg.trainer.max_tokens_per_micro_batch, packed=cfg.trainer.packed_sequences)
     drift = _drift_metrics(batch, forwards, alg, state)
     copy_weights(models.actor.unwrapped(), models.prev)
     estimate = estimate_advantages(batch, forwards, alg, state)
@@ -270,7 +270,8 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
     _set_learning_rates(k, models, drift, cfg, counters)
     apply, limit = cfg.trainer.control != "no_update", cfg.trainer.max_skipped_steps
     seed = (cfg.trainer.seed, k)
-    budget = dict(max_tokens=cfg.trainer.max_tokens_per_micro_batch, multiple=batch.rows.multiple)
+    budget = dict(max_tokens=cfg.trainer.max_tokens_per_micro_batch, multiple=batch.rows.multiple,
+                  packed=cfg.trainer.packed_sequences)
     actor_metrics = update(models.actor, utd_passes(actor_batches, utd=current.utd, steps=batch.steps, seed=seed,
                                                     state=state, **budget),
                            actor_loss_builder(alg, state, kl_lambda=weight), state, counters, limit, "actor",

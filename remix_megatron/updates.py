@@ -15,16 +15,16 @@ class NonFiniteLossError(RuntimeError):
 
 
 def utd_passes(micro_batches: list, *, utd: int, steps: int, seed: Sequence[int], state: ParallelState,
-               max_tokens: int = 0, multiple: int = 8) -> list[list]:
+               max_tokens: int = 0, multiple: int = 8, packed: bool = False) -> list[list]:
     """Every minibatch once per UTD pass, in a fresh seeded order each pass: the minibatches of all
     passes. With ``max_tokens`` each minibatch holds the same rows, regrouped under that budget
-    (widths rounded up to ``multiple``)."""
+    (widths rounded up to ``multiple``; ``packed``: rows end to end, lengths a multiple)."""
     group = micro_batch_group(state)
     if not max_tokens:
         return [minibatch for utd_pass in range(utd)
                 for minibatch in minibatches(micro_batches, steps, (*seed, utd_pass, state.dp_rank), group)]
     parts = [part for utd_pass in range(utd) for part in minibatches(micro_batches, steps, (*seed, utd_pass, state.dp_rank))]
-    return budget_minibatches(parts, max_tokens, multiple, state)
+    return budget_minibatches(parts, max_tokens, multiple, state, packed=packed)
 
 
 def update(model, passes: list[list], builder, state: ParallelState, counters: dict, limit: int, name: str, *,

@@ -14,7 +14,8 @@ position ``t`` aligned with ``labels[t]``, the token emitted there).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import itertools
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from typing import Callable, Sequence
 
@@ -39,18 +40,79 @@ class CriticTargets:
 
 
 @dataclass(frozen=True)
+class Packing:
+    """Where the ``rows`` of a packed (THD) micro-batch lie in its one ``[1, T]`` sequence: row
+    ``i`` is positions ``cu_seqlens[i]:cu_seqlens[i + 1]``; a last entry past the rows is filler
+    that makes ``T`` a multiple of TP (attended by nothing else, never unpacked)."""
+
+    cu_seqlens: torch.Tensor  # int32 [sequences + 1]
+    rows: int
+    width: int  # the padded width the rows unpack to
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """``[1, T]`` per-token values -> ``[rows, width]``, 0 past each row's end."""
+        flat = packed.reshape(-1)
+        out = flat.new_zeros(self.rows, self.width)
+        for row, (start, stop) in enumerate(zip(self.cu_seqlens.tolist()[: self.rows], self.cu_seqlens.tolist()[1:])):
+            out[row, : stop - start] = flat[start:stop]
+        return out
+
+    def position_ids(self, device: torch.device) -> torch.Tensor:
+        """``[1, T]``: positions restart at 0 in every sequence."""
+        bounds = self.cu_seqlens.tolist()
+        return torch.cat([torch.arange(b - a, device=device) for a, b in zip(bounds, bounds[1:])]).unsqueeze(0)
+
+    def params(self, device: torch.device):
+        """Megatron's ``PackedSeqParams`` (THD) for TransformerEngine's attention."""
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        cu = self.cu_seqlens.to(device=device, dtype=torch.int32)
+        longest = int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                               max_seqlen_kv=longest)
+
+
+@dataclass(frozen=True)
 class MicroBatch:
-    """One micro-batch: model inputs plus what the actor or critic loss needs."""
+    """One micro-batch: model inputs plus what the actor or critic loss needs. Packed (``packing``
+    set), ``tokens`` and ``labels`` are ``[1, T]`` and the loss inputs stay ``[rows, width]``."""
 
     tokens: torch.Tensor  # [b, s] input token ids
     labels: torch.Tensor  # [b, s] the token emitted at each position (tokens shifted by one)
     actor: ActorLossInputs | None = None
     critic: CriticTargets | None = None
+    packing: Packing | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(rows, width)`` of its per-token results."""
+        return (self.packing.rows, self.packing.width) if self.packing is not None else tuple(self.tokens.shape)
 
     def to(self, device: torch.device) -> "MicroBatch":
         move = lambda t: t.to(device)  # noqa: E731
         return MicroBatch(tokens=self.tokens.to(device), labels=self.labels.to(device),
-                          actor=_map_record(self.actor, move), critic=_map_record(self.critic, move))
+                          actor=_map_record(self.actor, move), critic=_map_record(self.critic, move),
+                          packing=self.packing)
+
+    def packed(self, lengths: Sequence[int], multiple: int) -> "MicroBatch":
+        """This micro-batch with its rows' first ``lengths`` positions end to end in one sequence
+        (THD; the loss inputs unchanged), ``T`` padded to a ``multiple`` by a filler sequence."""
+        rows = range(self.tokens.size(0))
+        tokens = [self.tokens[row, :n] for row, n in zip(rows, lengths)]
+        labels = [self.labels[row, :n] for row, n in zip(rows, lengths)]
+        bounds = [0, *itertools.accumulate(lengths)]
+        filler = -bounds[-1] % multiple
+        if filler:
+            tokens.append(self.tokens.new_zeros(filler))
+            labels.append(self.labels.new_zeros(filler))
+            bounds.append(bounds[-1] + filler)
+        return replace(self, tokens=torch.cat(tokens).unsqueeze(0), labels=torch.cat(labels).unsqueeze(0),
+                       packing=Packing(cu_seqlens=torch.tensor(bounds, dtype=torch.int32), rows=len(lengths),
+                                       width=self.tokens.size(1)))
+
+    def unpacked(self, per_token: torch.Tensor) -> torch.Tensor:
+        """A ``[b, s]`` forward result as it is (padded), or a packed one as ``[rows, width]``."""
+        return per_token if self.packing is None else self.packing.unpack(per_token)
 
     def take(self, rows: Sequence[int], width: int) -> "MicroBatch":
         """These rows, cut to their first ``width`` positions (``sample_age`` is per row)."""
@@ -117,6 +179,10 @@ def run_pipeline(chunks: Sequence[torch.nn.Module], micro_batches: Sequence[Micr
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator).to(device)
+        if batch.packing is not None:  # THD: attention within each sequence, no mask, no padding
+            output = model(batch.tokens, batch.packing.position_ids(device), None,
+                           packed_seq_params=batch.packing.params(device))
+            return output, build_loss(batch)
         rows, width = batch.tokens.shape
         if width not in masks:
             masks[width] = _causal_mask(width, device)
@@ -136,7 +202,7 @@ def actor_loss_builder(cfg: AlgorithmConfig, state: ParallelState, *, kl_lambda:
     """Loss functions for an actor update with the configured ReMix/PPO/GRPO loss."""
 
     def loss_func(batch: MicroBatch, logits: torch.Tensor):
-        logprobs, entropy = vocab_parallel_logprobs_entropy(logits, batch.labels, state.tp_group)
+        logprobs, entropy = map(batch.unpacked, vocab_parallel_logprobs_entropy(logits, batch.labels, state.tp_group))
         result = actor_loss(logprobs, entropy, batch.actor, cfg, kl_lambda=kl_lambda)
         return result.numerator, result.denominator, {"metrics": result.metrics}
 
@@ -148,7 +214,8 @@ def critic_loss_builder(cfg: AlgorithmConfig) -> LossBuilder:
 
     def loss_func(batch: MicroBatch, values: torch.Tensor):
         targets = batch.critic
-        result = critic_loss(values.squeeze(-1).float(), targets.old_values, targets.returns, targets.loss_mask, cfg)
+        result = critic_loss(batch.unpacked(values.squeeze(-1).float()), targets.old_values, targets.returns,
+                             targets.loss_mask, cfg)
         return result.numerator, result.denominator, {"metrics": result.metrics}
 
     return lambda batch: partial(loss_func, batch)
@@ -160,7 +227,7 @@ def _zero_loss(reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _logprob_builder(state: ParallelState) -> LossBuilder:
     def loss_func(batch: MicroBatch, logits: torch.Tensor):
-        logprobs, entropy = vocab_parallel_logprobs_entropy(logits, batch.labels, state.tp_group)
+        logprobs, entropy = map(batch.unpacked, vocab_parallel_logprobs_entropy(logits, batch.labels, state.tp_group))
         return (*_zero_loss(logprobs), {"logprobs": logprobs, "entropy": entropy})
 
     return lambda batch: partial(loss_func, batch)
@@ -168,7 +235,7 @@ def _logprob_builder(state: ParallelState) -> LossBuilder:
 
 def _value_builder() -> LossBuilder:
     def loss_func(batch: MicroBatch, values: torch.Tensor):
-        values = values.squeeze(-1).float()
+        values = batch.unpacked(values.squeeze(-1).float())
         return (*_zero_loss(values), {"values": values})
 
     return lambda batch: partial(loss_func, batch)
@@ -194,7 +261,7 @@ def _stacked(parts: list[torch.Tensor], width: int) -> torch.Tensor:
 
 def _output_shape(micro_batches: Sequence[MicroBatch]) -> tuple[int, int]:
     """``(rows, widest)`` of the micro-batches: the shape of a per-token forward result."""
-    return sum(b.tokens.size(0) for b in micro_batches), max(b.tokens.size(1) for b in micro_batches)
+    return sum(b.shape[0] for b in micro_batches), max(b.shape[1] for b in micro_batches)
 
 
 def forward_logprobs(chunks: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch], state: ParallelState

@@ -58,7 +58,8 @@ def collect(k: int, prompts, cfg: ExperimentConfig, state: ParallelState, engine
     behaviour, values = recompute_behaviour(drafts, actor=actor, critic=critic,
                                             micro_batch_size=cfg.trainer.micro_batch_size,
                                             seq_length=cfg.trainer.seq_length, state=state,
-                                            max_tokens=cfg.trainer.max_tokens_per_micro_batch)
+                                            max_tokens=cfg.trainer.max_tokens_per_micro_batch,
+                                            packed=cfg.trainer.packed_sequences)
     group_advantage = grpo_advantages(torch.tensor([d.reward for d in drafts]), torch.tensor([d.group_id for d in drafts]),
                                       torch.ones(len(drafts), 1), norm_std=cfg.algorithm.grpo_norm_std,
                                       eps=cfg.algorithm.grpo_eps)[:, 0].tolist()

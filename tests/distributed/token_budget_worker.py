@@ -4,7 +4,9 @@ micro-batches, for the behaviour recompute, the forward passes and each minibatc
 python -m torch.distributed.run --nproc_per_node N -m tests.distributed.token_budget_worker TINY OUT BUDGET [overrides]
 
 Responses have lengths from 1 to 40 tokens (widths 8 to 48), so budgeted micro-batches differ
-in rows and width; each DP rank gets a different number of rows.
+in rows and width; each DP rank gets a different number of rows. With the overrides
+``trainer.packed_sequences=true trainer.max_tokens_per_micro_batch=BUDGET`` (GPU, TransformerEngine)
+the budgeted side is packed end to end (THD).
 """
 
 import json
@@ -71,7 +73,8 @@ def main(tiny: str, out: str, budget: str, *overrides: str) -> None:
     common = dict(actor=models.actor.chunks, critic=models.critic.chunks, micro_batch_size=4,
                   seq_length=cfg.trainer.seq_length, state=state)
     behaviour, values = batching.recompute_behaviour(records, **common)
-    behaviour_budget, values_budget = batching.recompute_behaviour(records, **common, max_tokens=budget)
+    packed = cfg.trainer.packed_sequences
+    behaviour_budget, values_budget = batching.recompute_behaviour(records, **common, max_tokens=budget, packed=packed)
     result = {"recompute_gap": max(float(np.abs(a - b).max(initial=0)) for a, b in
                                    zip(behaviour + values, behaviour_budget + values_budget, strict=True))}
     records = [Trajectory(iteration=r.iteration, prompt_id=r.prompt_id, group_id=r.group_id,
@@ -86,7 +89,7 @@ def main(tiny: str, out: str, budget: str, *overrides: str) -> None:
     run = dict(actor=models.actor.chunks, ref=models.ref, prev=models.prev, critic=models.critic.chunks,
                micro_batch_size=4, state=state)
     fixed = batching.batch_forwards(batch, **run)
-    budgeted = batching.batch_forwards(batch, **run, max_tokens=budget)
+    budgeted = batching.batch_forwards(batch, **run, max_tokens=budget, packed=packed)
     result["forward_gap"] = max(float((a - b).abs().max()) for a, b in
                                 zip((fixed.pik, fixed.ref, fixed.prev, fixed.values),
                                     (budgeted.pik, budgeted.ref, budgeted.prev, budgeted.values)))
@@ -97,7 +100,7 @@ def main(tiny: str, out: str, budget: str, *overrides: str) -> None:
             ("actor", models.actor, actor_batches, actor_loss_builder(cfg.algorithm, state, kl_lambda=kl_lambda(2, cfg.algorithm))),
             ("critic", models.critic, critic_batches, critic_loss_builder(cfg.algorithm))):
         passes_fixed = utd_passes(micro, **plan)
-        passes_budget = utd_passes(micro, **plan, max_tokens=budget, multiple=batch.rows.multiple)
+        passes_budget = utd_passes(micro, **plan, max_tokens=budget, multiple=batch.rows.multiple, packed=packed)
         result[f"{name}_gaps"] = minibatch_gaps(model, passes_fixed, passes_budget, builder, state)
         result[f"{name}_tokens"] = [[loss_tokens(part) for part in passes] for passes in (passes_fixed, passes_budget)]
         result[f"{name}_counts"] = [len(part) for part in passes_budget]

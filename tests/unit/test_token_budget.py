@@ -117,3 +117,76 @@ def test_counts_agreed_across_ranks_stay_equal_in_whole_groups():
         batches, _ = budget_micro_batches(whole, loss_widths(whole.actor.loss_mask, 8), 64, count=5, group=2)
         assert len(batches) == 6
         assert sum(float(b.actor.loss_mask.sum()) for b in batches) == float(whole.actor.loss_mask.sum())
+
+
+def test_packed_groups_sum_their_rows():
+    """Packed, a micro-batch costs its real tokens: rows longest first while the sum fits."""
+    widths = [5, 30, 17, 9, 60, 22]
+    # sorted 60, 30, 22, 17, 9, 5: 60 + 30 = 90 <= 96 (+22 > 96); 22 + 17 + 9 + 5 = 53
+    assert token_budget_groups(widths, 96, packed=True) == [[4, 1], [5, 2, 3, 0]]
+
+
+def test_packing_puts_rows_end_to_end_and_unpacks_them():
+    lengths = [3, 16, 9, 5, 14]
+    batch = micro(5, 16, lengths)
+    packed = batch.packed(lengths, 8)
+    assert packed.tokens.shape == (1, 48) and packed.shape == (5, 16)  # 47 tokens + 1 filler: a multiple of 8
+    assert packed.packing.cu_seqlens.tolist() == [0, 3, 19, 28, 33, 47, 48]
+    assert packed.packing.cu_seqlens.dtype == torch.int32
+    for row, n in enumerate(lengths):
+        start = int(packed.packing.cu_seqlens[row])
+        assert torch.equal(packed.tokens[0, start:start + n], batch.tokens[row, :n])
+        assert torch.equal(packed.labels[0, start:start + n], batch.labels[row, :n])
+    positions = packed.packing.position_ids(torch.device("cpu"))
+    assert positions[0, :4].tolist() == [0, 1, 2, 0] and positions[0, -2:].tolist() == [13, 0]
+    back = packed.unpacked(packed.tokens.float())
+    for row, n in enumerate(lengths):
+        assert torch.equal(back[row, :n], batch.tokens[row, :n].float()) and back[row, n:].abs().sum() == 0
+    assert packed.actor is batch.actor  # the loss inputs stay padded [rows, width]
+
+
+def test_a_packed_micro_batch_gives_the_padded_loss():
+    """The actor and critic losses of a packed micro-batch (logits of its rows end to end) equal
+    the padded micro-batch's: the loss reads the unpacked per-token values."""
+    from types import SimpleNamespace
+
+    from remix_megatron.algorithms.megatron_adapter import CriticTargets, actor_loss_builder, critic_loss_builder
+    from remix_megatron.config import AlgorithmConfig
+
+    lengths = [3, 16, 9, 5]
+    gen = torch.Generator().manual_seed(0)
+    batch = micro(4, 16, lengths)
+    batch = MicroBatch(tokens=batch.tokens % 50, labels=batch.labels % 50, actor=batch.actor,
+                       critic=CriticTargets(loss_mask=batch.actor.loss_mask, old_values=torch.rand(4, 16, generator=gen),
+                                            returns=torch.rand(4, 16, generator=gen)))
+    packed = batch.packed(lengths, 8)
+    logits = torch.randn(4, 16, 50, generator=gen)
+    values = torch.randn(4, 16, 1, generator=gen)
+    end_to_end = lambda t: torch.cat([t[row, :n] for row, n in enumerate(lengths)]  # noqa: E731
+                                     + [t.new_zeros(packed.tokens.size(1) - sum(lengths), *t.shape[2:])]).unsqueeze(0)
+    cfg = AlgorithmConfig()
+    state = SimpleNamespace(tp_group=None)
+    for builder, output in ((actor_loss_builder(cfg, state, kl_lambda=0.5), logits), (critic_loss_builder(cfg), values)):
+        padded_loss, padded_count, _ = builder(batch)(output)
+        packed_loss, packed_count, _ = builder(packed)(end_to_end(output))
+        assert torch.allclose(packed_loss, padded_loss, rtol=1e-6) and int(packed_count) == int(padded_count)
+        assert float(padded_loss) != 0
+
+
+def test_packed_sequences_are_refused_without_a_budget_and_on_cpu(tmp_path):
+    from remix_megatron.config import load_config
+    from remix_megatron.data.tiny import build_tiny_model
+    from remix_megatron.validation import training_problems
+    from tests.conftest import REPO
+
+    with pytest.raises(ConfigError, match="set trainer.max_tokens_per_micro_batch"):
+        TrainerConfig(packed_sequences=True)
+    tiny = build_tiny_model()
+    cfg = load_config(REPO / "configs" / "tiny_remix_ppo.yaml", [
+        f"model.hf_path={tiny}", f"data.train_path={tiny}/train.jsonl", "trainer.packed_sequences=true",
+        "trainer.max_tokens_per_micro_batch=96"])
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine may run packed sequences")
+    assert [p for p in training_problems(cfg) if "packed" in p] == [
+        "trainer.packed_sequences=true needs CUDA GPUs and the TransformerEngine layer spec (THD attention; "
+        "Megatron's local spec has none): on CPU use trainer.max_tokens_per_micro_batch alone"]
