@@ -135,6 +135,100 @@ def pad_rows(records: list, multiple: int, minimum: int = 0) -> tuple[list, int]
     return records + [records[-1]] * (padded_count(real, multiple, minimum) - real), real
 
 
+# ------------------------------------------------------------------------------ token-budget micro-batches
+
+
+# A micro-batch stops growing where its padding would pass this share of its real tokens: the
+# budget alone would put many short rows behind one longer one (a long tail pads ~1.3x even
+# sorted); with it padded/real <= 1 + PADDING_SLACK per micro-batch, for more, smaller ones.
+PADDING_SLACK = 0.1
+
+
+def token_budget_groups(widths: Sequence[int], budget: int, count: int = 1, *, packed: bool = False) -> list[list[int]]:
+    """Positions of rows of these ``widths`` grouped into micro-batches whose tokens stay within
+    ``budget``: padded (rows x the widest, and within ``1 + PADDING_SLACK`` of their real tokens),
+    or ``packed`` end to end (their sum). Rows go longest first, each micro-batch a run of that
+    order (runs of sorted rows pad least), a row wider than the budget alone; then the costliest
+    micro-batch of several rows is halved until there are ``count``."""
+    def cost(rows: list[int]) -> int:
+        return sum(widths[i] for i in rows) if packed else len(rows) * widths[rows[0]]
+
+    groups: list[list[int]] = []
+    for row in sorted(range(len(widths)), key=lambda i: -widths[i]):
+        grown = groups[-1] + [row] if groups else [row]
+        real = sum(widths[i] for i in grown)
+        if groups and cost(grown) <= budget and (packed or cost(grown) <= (1 + PADDING_SLACK) * real):
+            groups[-1] = grown
+        else:
+            groups.append([row])
+    while len(groups) < count and any(len(group) > 1 for group in groups):
+        costliest = max((i for i, g in enumerate(groups) if len(g) > 1), key=lambda i: cost(groups[i]))
+        group = groups.pop(costliest)
+        groups[costliest:costliest] = [group[: len(group) // 2], group[len(group) // 2:]]
+    return groups
+
+
+def loss_widths(mask: torch.Tensor, multiple: int) -> list[int]:
+    """``[b, w]`` mask -> the positions each row needs: through its last token in the mask, rounded
+    up to ``multiple`` (at most ``w``); 0 for a row without any."""
+    last = (torch.arange(1, mask.size(1) + 1) * (mask > 0)).max(dim=1).values
+    return [min(-(-int(n) // multiple) * multiple, mask.size(1)) for n in last]
+
+
+def budget_micro_batches(whole: MicroBatch, widths: Sequence[int], budget: int, count: int = 1, group: int = 1,
+                         packed: int = 0) -> tuple[list[MicroBatch], list[int]]:
+    """The rows of ``whole`` regrouped under the token budget, each micro-batch cut to its widest
+    row's ``widths``, or with ``packed`` (a multiple for the packed length, TP's) each micro-batch
+    its rows' ``widths`` positions end to end (THD); rows of width 0 (nothing to compute) are
+    left out. Returns at least ``count`` micro-batches, a multiple of ``group`` (silent copies
+    where the rows do not split that far), and the row of ``whole`` behind each of their rows."""
+    kept = [row for row, width in enumerate(widths) if width > 0]
+    if not kept:  # nothing to learn or compute: one silent micro-batch keeps the schedule whole
+        return [masked(whole.take([0], whole.tokens.size(1)))] * padded_count(max(count, 1), group), []
+    groups = [[kept[i] for i in part]
+              for part in token_budget_groups([widths[row] for row in kept], budget, count, packed=bool(packed))]
+    out = [whole.take(rows, widths[rows[0]]) for rows in groups]
+    if packed:
+        out = [batch.packed([widths[row] for row in rows], packed) for batch, rows in zip(out, groups)]
+    # the count first, then whole groups: ranks that split to ``count`` and ranks that could not end equal
+    out += [masked(out[-1])] * (padded_count(max(len(out), count), group) - len(out))
+    return out, [row for rows in groups for row in rows]
+
+
+def budget_split(whole: MicroBatch, mask: torch.Tensor, budget: int, multiple: int, *, count: int = 1, group: int = 1,
+                 packed: bool = False) -> tuple[list[MicroBatch], list[int]]:
+    """``budget_micro_batches`` of ``whole`` with each row's width from its ``mask``: rounded up to
+    ``multiple``, or ``packed`` exact (the packed length is then the multiple)."""
+    widths = loss_widths(mask, 1 if packed else multiple)
+    return budget_micro_batches(whole, widths, budget, count, group, multiple if packed else 0)
+
+
+def scatter_rows(computed: torch.Tensor, order: list[int], rows: int, width: int) -> torch.Tensor:
+    """``[rows, width]``: row ``order[i]`` is ``computed[i]`` (0 where it has no value, past its width, or not in order)."""
+    out = torch.zeros(rows, width)
+    out[order, :computed.size(1)] = computed[:len(order)].cpu().float()
+    return out
+
+
+def budget_minibatches(parts: list[list[MicroBatch]], budget: int, multiple: int, state: ParallelState, *,
+                       packed: bool = False) -> list[list[MicroBatch]]:
+    """Each minibatch's rows (those of its fixed-size micro-batches) regrouped under the token
+    budget. Every DP rank gets the same number of micro-batches per minibatch, the most any rank
+    needs, spread by halving its costliest ones (a multiple of the interleaved schedule's group)."""
+    wholes = [MicroBatch.concat(part) for part in parts]
+    widths = [loss_widths(_loss_mask(whole), 1 if packed else multiple) for whole in wholes]
+    counts = torch.tensor([len(token_budget_groups([w for w in row_widths if w], budget, packed=packed))
+                           for row_widths in widths])
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=state.dp_group)
+    group = micro_batch_group(state)
+    return [budget_split(whole, _loss_mask(whole), budget, multiple, count=int(count), group=group, packed=packed)[0]
+            for whole, count in zip(wholes, counts)]
+
+
+def _loss_mask(batch: MicroBatch) -> torch.Tensor:
+    return (batch.actor if batch.actor is not None else batch.critic).loss_mask
+
+
 # ------------------------------------------------------------------------------ the mixed batch
 
 
@@ -202,15 +296,24 @@ class PolicyForwards:
 
 
 def rows_forward(forward: Callable[[list[MicroBatch]], torch.Tensor], rows: PackedRows, needed: torch.Tensor,
-                 known: torch.Tensor, micro_batch_size: int, group: int) -> torch.Tensor:
+                 known: torch.Tensor, micro_batch_size: int, group: int, max_tokens: int = 0,
+                 packed: bool = False) -> torch.Tensor:
     """``known`` with the rows where ``needed`` replaced by ``forward`` of those rows only; 0
     outside the mask. The needed rows are selected from the packing (same positions) and padded
-    to whole micro-batches (a multiple of ``group``); nothing runs when none is needed (rows
-    without loss tokens, the padding copies, never are)."""
+    to whole micro-batches (a multiple of ``group``), or grouped under ``max_tokens`` when set
+    (``packed``: end to end);
+    nothing runs when none is needed (rows without loss tokens, the padding copies, never are)."""
     mask = rows.mask
     index = (needed & (mask.sum(-1) > 0)).nonzero().flatten().tolist()
     out = known * mask
     if not index:
+        return out
+    if max_tokens:
+        selected = rows.select(index)
+        micro, order = budget_split(selected.micro_batches(len(index))[0], selected.mask, max_tokens, rows.multiple,
+                                    group=group, packed=packed)
+        width = selected.width
+        out[index, :width] = scatter_rows(forward(micro), order, len(index), width) * mask[index, :width]
         return out
     padded, real = pad_rows(index, micro_batch_size * group)
     computed = forward(rows.select(padded).micro_batches(micro_batch_size)).cpu().float()
@@ -221,7 +324,7 @@ def rows_forward(forward: Callable[[list[MicroBatch]], torch.Tensor], rows: Pack
 
 def batch_forwards(batch: TrainingBatch, *, actor: Sequence, ref: Sequence | None, prev: Sequence | None,
                    critic: Sequence | None, micro_batch_size: int, state: ParallelState,
-                   reuse_known: bool = True) -> PolicyForwards:
+                   reuse_known: bool = True, max_tokens: int = 0, packed: bool = False) -> PolicyForwards:
     """pi_k, reference and precedent log-probs and critic values on the batch (model chunks
     given; a model passed as None is not run: its loss weight is 0 and no metric asks for it).
 
@@ -242,7 +345,7 @@ def batch_forwards(batch: TrainingBatch, *, actor: Sequence, ref: Sequence | Non
             forward = lambda micro: forward_values(chunks, micro, state)  # noqa: E731
         else:
             forward = lambda micro: forward_logprobs(chunks, micro, state)[0]  # noqa: E731
-        return rows_forward(forward, rows, needed, known, micro_batch_size, group)
+        return rows_forward(forward, rows, needed, known, micro_batch_size, group, max_tokens, packed)
 
     return PolicyForwards(
         pik=run(actor, replayed, rows.behaviour),
@@ -265,16 +368,25 @@ def single_on_policy_pass(current: Phase, fresh_rows: int, cfg: ExperimentConfig
 
 
 def recompute_behaviour(records: list[Trajectory], *, actor: Sequence, critic: Sequence | None,
-                        micro_batch_size: int, seq_length: int, state: ParallelState
-                        ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
-    """The actor's log-probs (and the critic's values) on each record's kept response tokens."""
+                        micro_batch_size: int, seq_length: int, state: ParallelState, max_tokens: int = 0,
+                        packed: bool = False) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """The actor's log-probs (and the critic's values) on each record's kept response tokens
+    (in micro-batches of ``micro_batch_size`` rows, or under ``max_tokens`` when set, ``packed``
+    end to end)."""
     if not records:
         return [], ([] if critic is not None else None)
-    padded, _ = pad_rows(records, micro_batch_size * micro_batch_group(state))
-    packed = pack(padded, seq_length, multiple=pack_multiple(state))
-    micro = packed.micro_batches(micro_batch_size)
-    logprobs, _ = forward_logprobs(actor, micro, state)
-    values = forward_values(critic, micro, state) if critic is not None else None
+    if max_tokens:
+        rows = pack(records, seq_length, multiple=pack_multiple(state))
+        micro, order = budget_split(rows.micro_batches(len(records))[0], rows.mask, max_tokens, rows.multiple,
+                                    group=micro_batch_group(state), packed=packed)
+        logprobs = scatter_rows(forward_logprobs(actor, micro, state)[0], order, len(records), rows.width)
+        values = None if critic is None else scatter_rows(forward_values(critic, micro, state), order, len(records),
+                                                          rows.width)
+    else:
+        padded, _ = pad_rows(records, micro_batch_size * micro_batch_group(state))
+        micro = pack(padded, seq_length, multiple=pack_multiple(state)).micro_batches(micro_batch_size)
+        logprobs, _ = forward_logprobs(actor, micro, state)
+        values = forward_values(critic, micro, state) if critic is not None else None
     spans = response_spans(records, seq_length)
     behaviour = [logprobs[i, span].cpu().numpy() for i, span in enumerate(spans)]
     return behaviour, None if values is None else [values[i, span].cpu().numpy() for i, span in enumerate(spans)]
@@ -296,7 +408,7 @@ def masked(batch: MicroBatch) -> MicroBatch:
     """A copy of ``batch`` that contributes nothing: no loss tokens, so no loss, gradient,
     token count or metric (padding for the interleaved schedule)."""
     silent = lambda record: None if record is None else replace(record, loss_mask=torch.zeros_like(record.loss_mask))  # noqa: E731
-    return MicroBatch(tokens=batch.tokens, labels=batch.labels, actor=silent(batch.actor), critic=silent(batch.critic))
+    return replace(batch, actor=silent(batch.actor), critic=silent(batch.critic))
 
 
 def minibatches(micro_batches: list, steps: int, seed: Sequence[int], group: int = 1) -> list[list]:

@@ -13,7 +13,8 @@ Pure arithmetic on an ``ExperimentConfig`` (``remix-megatron dryrun`` prints it)
     (4 more) when parameters are bf16; divided by DP with the distributed optimizer;
   - activations of the training pass (Korthikanti et al. 2022, "Reducing Activation
     Recomputation in Large Transformer Models", counted for 16-bit activations and scaled by
-    the activation dtype): per layer and micro-batch ``s*b*h*(10 + 24/t)`` bytes, or
+    the activation dtype): per layer and micro-batch ``s*b*h*(10 + 24/t)`` bytes (with a token
+    budget ``trainer.max_tokens_per_micro_batch``, ``s*b`` is the budget at ``s = seq_length``), or
     ``34*s*b*h/t`` with sequence parallelism, plus ``5*a*s^2*b/t`` for the attention scores
     when they are stored (Megatron's local spec; the TransformerEngine spec's fused/flash
     attention keeps none, as with selective recompute). No activation recompute. A stage keeps
@@ -151,7 +152,7 @@ def optimizer_bytes_per_parameter(*, bf16_params: bool) -> int:
 # ------------------------------------------------------------------------------ activations and engine
 
 
-def layer_activation_bytes(model: ModelConfig, *, seq_length: int, micro_batch_size: int, tp: int,
+def layer_activation_bytes(model: ModelConfig, *, seq_length: int, micro_batch_size: float, tp: int,
                            sequence_parallel: bool, stores_attention_scores: bool, dtype_bytes: int) -> float:
     """Korthikanti et al.'s activation bytes of one layer for one micro-batch (see the module doc)."""
     s, b, h, a = seq_length, micro_batch_size, model.hidden_size, model.num_attention_heads
@@ -237,6 +238,7 @@ class MemoryPlan:
     engine: EnginePlan
     stages: list[StagePlan]
     num_microbatches: int
+    budgeted: bool = False  # micro-batches by token budget: the count is that of full-width rows (short rows make more)
 
     @property
     def peak_bytes(self) -> int:
@@ -246,6 +248,17 @@ class MemoryPlan:
     def fits(self) -> bool:
         return (not self.capacity_bytes or self.peak_bytes <= self.capacity_bytes) and (
             self.engine.concurrent_sequences > 0)
+
+
+def micro_batch_rows(cfg: ExperimentConfig) -> float:
+    """Rows of the largest micro-batch at full width (``seq_length``): ``micro_batch_size``, or with a
+    token budget the budget over ``seq_length`` (not a whole number in general): every token term
+    of the activations is then ``seq_length x rows`` = the budget, and the attention scores',
+    quadratic in the width, are largest for full-width rows."""
+    trainer = cfg.trainer
+    if trainer.max_tokens_per_micro_batch:
+        return trainer.max_tokens_per_micro_batch / trainer.seq_length
+    return trainer.micro_batch_size
 
 
 def _uses_gpu(cfg: ExperimentConfig) -> bool:
@@ -265,8 +278,9 @@ def plan_memory(cfg: ExperimentConfig, world_size: int | None = None, *,
     capacity = int(memory_gib * GIB)
     engine = plan_engine(cfg, layout, gpu=gpu, capacity_bytes=capacity)
     trainer, model = cfg.trainer, cfg.model
-    microbatches = math.ceil(engine.sequences / trainer.micro_batch_size)
-    per_layer = layer_activation_bytes(model, seq_length=trainer.seq_length, micro_batch_size=trainer.micro_batch_size,
+    batch_rows = micro_batch_rows(cfg)
+    microbatches = math.ceil(engine.sequences / batch_rows)
+    per_layer = layer_activation_bytes(model, seq_length=trainer.seq_length, micro_batch_size=batch_rows,
                                        tp=layout.tensor_parallel, sequence_parallel=cfg.parallel.sequence_parallel,
                                        stores_attention_scores=impl == "local", dtype_bytes=dtype_bytes)
     has_critic = needs_critic(cfg.algorithm.advantage_estimator)
@@ -287,7 +301,7 @@ def plan_memory(cfg: ExperimentConfig, world_size: int | None = None, *,
         layers_per_chunk = model.num_layers // (layout.pipeline_parallel * layout.virtual_pipeline)
         activations = per_layer * layers_per_chunk * chunks_in_flight(pp_rank, layout, microbatches)
         if pp_rank == layout.pipeline_parallel - 1:
-            activations += (trainer.seq_length * trainer.micro_batch_size * model.vocab_size // layout.tensor_parallel
+            activations += (trainer.seq_length * batch_rows * model.vocab_size // layout.tensor_parallel
                             * (dtype_bytes + 8))
         rows["training activations (engine asleep)"] = int(activations)
         rows["engine awake: weights + KV"] = engine.reserved_bytes
@@ -296,7 +310,8 @@ def plan_memory(cfg: ExperimentConfig, world_size: int | None = None, *,
                                 activation_bytes=int(activations), engine_bytes=engine.reserved_bytes,
                                 peak_bytes=resident + max(int(activations), engine.reserved_bytes)))
     return MemoryPlan(layout=layout, gpu=gpu, params_dtype=precision, capacity_bytes=capacity, engine=engine,
-                      stages=stages, num_microbatches=microbatches)
+                      stages=stages, num_microbatches=microbatches,
+                      budgeted=bool(trainer.max_tokens_per_micro_batch))
 
 
 # ------------------------------------------------------------------------------ report
@@ -337,7 +352,8 @@ def format_memory(plan: MemoryPlan) -> str:
     unit, scale = _unit(plan.peak_bytes)
     head = f"{unit + ' per GPU':<{width}}" + "".join(f"{'stage ' + str(s.pp_rank):>10}" for s in stages)
     lines = [f"memory ({'GPU' if plan.gpu else 'CPU'}, {plan.params_dtype} parameters, "
-             f"{plan.num_microbatches} micro-batches per step per DP rank)", head]
+             f"{plan.num_microbatches} micro-batches per step per DP rank{' at full width' if plan.budgeted else ''})",
+             head]
     for name in stages[0].rows:
         lines.append(f"{name:<{width}}" + "".join(f"{s.rows[name] / scale:>10.2f}" for s in stages))
     lines.append(f"{'peak':<{width}}" + "".join(f"{s.peak_bytes / scale:>10.2f}" for s in stages))

@@ -264,8 +264,8 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
     every = cfg.trainer.log_unused_kl  # else a pass whose loss weight is 0 is skipped (drift control needs prev)
     forwards = batch_forwards(batch, actor=models.actor.chunks, ref=models.ref if ref_weight > 0 or every else None,
                               prev=models.prev if prev_weight > 0 or every or alg.drift_control else None,
-                              critic=critic_chunks,
-                              micro_batch_size=cfg.trainer.micro_batch_size, state=state)
+                              critic=critic_chunks, micro_batch_size=cfg.trainer.micro_batch_size, state=state,
+                              max_tokens=cfg.trainer.max_tokens_per_micro_batch, packed=cfg.trainer.packed_sequences)
     drift = _drift_metrics(batch, forwards, alg, state)
     copy_weights(models.actor.unwrapped(), models.prev)
     estimate = estimate_advantages(batch, forwards, alg, state)
@@ -277,15 +277,17 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
     _set_learning_rates(k, models, drift, cfg, counters)
     apply, limit = cfg.trainer.control != "no_update", cfg.trainer.max_skipped_steps
     seed = (cfg.trainer.seed, k)
+    budget = dict(max_tokens=cfg.trainer.max_tokens_per_micro_batch, multiple=batch.rows.multiple,
+                  packed=cfg.trainer.packed_sequences)
     actor_metrics = update(models.actor, utd_passes(actor_batches, utd=current.utd, steps=batch.steps, seed=seed,
-                                                    state=state),
+                                                    state=state, **budget),
                            actor_loss_builder(alg, state, kl_lambda=weight, behaviour_from_forward=not result.recomputed),
                            state, counters, limit, "actor",
                            apply=apply)
     critic_metrics = {}
     if critic_batches is not None:
         critic_metrics = update(models.critic, utd_passes(critic_batches, utd=current.utd, steps=batch.steps,
-                                                          seed=seed, state=state),
+                                                          seed=seed, state=state, **budget),
                                 critic_loss_builder(alg), state, counters, limit, "critic", apply=apply)
     lap("update")
     gap = result.logprob_gap

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from remix_megatron.algorithms.megatron_adapter import reduce_metrics, run_pipeline
-from remix_megatron.batching import micro_batch_group, minibatches
+from remix_megatron.batching import budget_minibatches, micro_batch_group, minibatches
 from remix_megatron.parallel import ParallelState
 
 
@@ -14,11 +14,17 @@ class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had NaN/inf gradients."""
 
 
-def utd_passes(micro_batches: list, *, utd: int, steps: int, seed: Sequence[int], state: ParallelState) -> list[list]:
-    """Every minibatch once per UTD pass, in a fresh seeded order each pass: the minibatches of all passes."""
+def utd_passes(micro_batches: list, *, utd: int, steps: int, seed: Sequence[int], state: ParallelState,
+               max_tokens: int = 0, multiple: int = 8, packed: bool = False) -> list[list]:
+    """Every minibatch once per UTD pass, in a fresh seeded order each pass: the minibatches of all
+    passes. With ``max_tokens`` each minibatch holds the same rows, regrouped under that budget
+    (widths rounded up to ``multiple``; ``packed``: rows end to end, lengths a multiple)."""
     group = micro_batch_group(state)
-    return [minibatch for utd_pass in range(utd)
-            for minibatch in minibatches(micro_batches, steps, (*seed, utd_pass, state.dp_rank), group)]
+    if not max_tokens:
+        return [minibatch for utd_pass in range(utd)
+                for minibatch in minibatches(micro_batches, steps, (*seed, utd_pass, state.dp_rank), group)]
+    parts = [part for utd_pass in range(utd) for part in minibatches(micro_batches, steps, (*seed, utd_pass, state.dp_rank))]
+    return budget_minibatches(parts, max_tokens, multiple, state, packed=packed)
 
 
 def update(model, passes: list[list], builder, state: ParallelState, counters: dict, limit: int, name: str, *,

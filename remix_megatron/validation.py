@@ -109,14 +109,28 @@ def _registered(cfg: ExperimentConfig) -> list[str]:
     return problems
 
 
+def _transformer_engine(cfg: ExperimentConfig) -> bool:
+    """Whether a run on this machine gets the TransformerEngine layer spec."""
+    import torch
+
+    from remix_megatron.parallel import transformer_engine_installed
+
+    usable = torch.cuda.is_available() and transformer_engine_installed()
+    return usable and cfg.parallel.transformer_impl in ("auto", "transformer_engine")
+
+
 def training_problems(cfg: ExperimentConfig) -> list[str]:
-    """The files a training run reads: its start checkpoint, prompts and evaluation sets."""
+    """What a training run on this machine needs: its start checkpoint, prompts and evaluation sets, and
+    TransformerEngine for packed sequences."""
     problems = []
     if not cfg.model.hf_path:
         problems.append("model.hf_path is required for training: the HF checkpoint to start from (weights and "
                         "tokenizer), e.g. model.hf_path=$(remix-megatron tiny --path-only)")
     elif not Path(cfg.model.hf_path).is_dir():
         problems.append(f"model.hf_path={cfg.model.hf_path} is not a directory")
+    if cfg.trainer.packed_sequences and not _transformer_engine(cfg):
+        problems.append("trainer.packed_sequences=true needs CUDA GPUs and the TransformerEngine layer spec (THD "
+                        "attention; Megatron's local spec has none): on CPU use trainer.max_tokens_per_micro_batch alone")
     train_path = cfg.data.train_path
     if not train_path:
         problems.append("data.train_path is required for training (a .jsonl / .parquet / HF datasets path)")

@@ -14,12 +14,14 @@ position ``t`` aligned with ``labels[t]``, the token emitted there).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, fields, replace
 from functools import partial
 from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from remix_megatron.algorithms.losses import ActorLossInputs, actor_loss, critic_loss
 from remix_megatron.algorithms.metrics import Max, Mean, Metric, Min, finalize, merge
@@ -38,18 +40,99 @@ class CriticTargets:
 
 
 @dataclass(frozen=True)
+class Packing:
+    """Where the ``rows`` of a packed (THD) micro-batch lie in its one ``[1, T]`` sequence: row
+    ``i`` is positions ``cu_seqlens[i]:cu_seqlens[i + 1]``; a last entry past the rows is filler
+    that makes ``T`` a multiple of TP (attended by nothing else, never unpacked)."""
+
+    cu_seqlens: torch.Tensor  # int32 [sequences + 1]
+    rows: int
+    width: int  # the padded width the rows unpack to
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """``[1, T]`` per-token values -> ``[rows, width]``, 0 past each row's end."""
+        flat = packed.reshape(-1)
+        out = flat.new_zeros(self.rows, self.width)
+        for row, (start, stop) in enumerate(zip(self.cu_seqlens.tolist()[: self.rows], self.cu_seqlens.tolist()[1:])):
+            out[row, : stop - start] = flat[start:stop]
+        return out
+
+    def position_ids(self, device: torch.device) -> torch.Tensor:
+        """``[1, T]``: positions restart at 0 in every sequence."""
+        bounds = self.cu_seqlens.tolist()
+        return torch.cat([torch.arange(b - a, device=device) for a, b in zip(bounds, bounds[1:])]).unsqueeze(0)
+
+    def params(self, device: torch.device):
+        """Megatron's ``PackedSeqParams`` (THD) for TransformerEngine's attention."""
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        cu = self.cu_seqlens.to(device=device, dtype=torch.int32)
+        longest = int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                               max_seqlen_kv=longest)
+
+
+@dataclass(frozen=True)
 class MicroBatch:
-    """One micro-batch: model inputs plus what the actor or critic loss needs."""
+    """One micro-batch: model inputs plus what the actor or critic loss needs. Packed (``packing``
+    set), ``tokens`` and ``labels`` are ``[1, T]`` and the loss inputs stay ``[rows, width]``."""
 
     tokens: torch.Tensor  # [b, s] input token ids
     labels: torch.Tensor  # [b, s] the token emitted at each position (tokens shifted by one)
     actor: ActorLossInputs | None = None
     critic: CriticTargets | None = None
+    packing: Packing | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(rows, width)`` of its per-token results."""
+        return (self.packing.rows, self.packing.width) if self.packing is not None else tuple(self.tokens.shape)
 
     def to(self, device: torch.device) -> "MicroBatch":
         move = lambda t: t.to(device)  # noqa: E731
         return MicroBatch(tokens=self.tokens.to(device), labels=self.labels.to(device),
-                          actor=_map_record(self.actor, move), critic=_map_record(self.critic, move))
+                          actor=_map_record(self.actor, move), critic=_map_record(self.critic, move),
+                          packing=self.packing)
+
+    def packed(self, lengths: Sequence[int], multiple: int) -> "MicroBatch":
+        """This micro-batch with its rows' first ``lengths`` positions end to end in one sequence
+        (THD; the loss inputs unchanged), ``T`` padded to a ``multiple`` by a filler sequence."""
+        rows = range(self.tokens.size(0))
+        tokens = [self.tokens[row, :n] for row, n in zip(rows, lengths)]
+        labels = [self.labels[row, :n] for row, n in zip(rows, lengths)]
+        bounds = [0, *itertools.accumulate(lengths)]
+        filler = -bounds[-1] % multiple
+        if filler:
+            tokens.append(self.tokens.new_zeros(filler))
+            labels.append(self.labels.new_zeros(filler))
+            bounds.append(bounds[-1] + filler)
+        return replace(self, tokens=torch.cat(tokens).unsqueeze(0), labels=torch.cat(labels).unsqueeze(0),
+                       packing=Packing(cu_seqlens=torch.tensor(bounds, dtype=torch.int32), rows=len(lengths),
+                                       width=self.tokens.size(1)))
+
+    def unpacked(self, per_token: torch.Tensor) -> torch.Tensor:
+        """A ``[b, s]`` forward result as it is (padded), or a packed one as ``[rows, width]``."""
+        return per_token if self.packing is None else self.packing.unpack(per_token)
+
+    def take(self, rows: Sequence[int], width: int) -> "MicroBatch":
+        """These rows, cut to their first ``width`` positions (``sample_age`` is per row)."""
+        index = torch.as_tensor(list(rows), dtype=torch.long)
+        cut = lambda t: t[index, :width] if t.dim() == 2 else t[index]  # noqa: E731
+        return MicroBatch(tokens=cut(self.tokens), labels=cut(self.labels), actor=_map_record(self.actor, cut),
+                          critic=_map_record(self.critic, cut))
+
+    @staticmethod
+    def concat(batches: Sequence["MicroBatch"]) -> "MicroBatch":
+        """All rows of ``batches`` (of one width) as one micro-batch."""
+        def joined(records):
+            if records[0] is None:
+                return None
+            parts = {f.name: [getattr(r, f.name) for r in records] for f in fields(records[0])}
+            return type(records[0])(**{name: None if values[0] is None else torch.cat(values)  # a pass not run
+                                       for name, values in parts.items()})
+
+        return MicroBatch(tokens=torch.cat([b.tokens for b in batches]), labels=torch.cat([b.labels for b in batches]),
+                          actor=joined([b.actor for b in batches]), critic=joined([b.critic for b in batches]))
 
 
 def _map_record(record, function):
@@ -83,23 +166,34 @@ def _causal_mask(seq_length: int, device: torch.device) -> torch.Tensor:
 def run_pipeline(chunks: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch], build_loss: LossBuilder,
                  state: ParallelState, *, forward_only: bool) -> list[dict]:
     """Run Megatron's forward(-backward) schedule; returns the last stage's logging dicts.
-
-    The schedule gets this layout's groups explicitly (it hands them on to
-    ``finalize_model_grads``); without them it rebuilds both from Megatron's globals.
+    Micro-batches may differ in rows and width (token-budget batching). The schedule gets this
+    layout's groups explicitly (it hands them on to ``finalize_model_grads``); without them it
+    rebuilds both from Megatron's globals.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+    from megatron.core.utils import get_model_config
 
     if not micro_batches:
         raise ValueError("no micro-batches to run")
     batch_size, seq_length = micro_batches[0].tokens.shape
     device = state.runtime.device
-    attention_mask = _causal_mask(seq_length, device)
-    position_ids = torch.arange(seq_length, device=device).unsqueeze(0).expand(batch_size, -1)
+    # Pipeline stages receive into buffers of one [seq, batch, hidden] shape per call unless the
+    # config says shapes vary; then each send is preceded by its shape (an extra small p2p).
+    get_model_config(chunks[0]).variable_seq_lengths = len({tuple(b.tokens.shape) for b in micro_batches}) > 1
+    masks: dict[int, torch.Tensor] = {}
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator).to(device)
-        output = model(batch.tokens, position_ids, attention_mask)
+        if batch.packing is not None:  # THD: attention within each sequence, no mask, no padding
+            output = model(batch.tokens, batch.packing.position_ids(device), None,
+                           packed_seq_params=batch.packing.params(device))
+            return output, build_loss(batch)
+        rows, width = batch.tokens.shape
+        if width not in masks:
+            masks[width] = _causal_mask(width, device)
+        position_ids = torch.arange(width, device=device).unsqueeze(0).expand(rows, -1)
+        output = model(batch.tokens, position_ids, masks[width])
         return output, build_loss(batch)
 
     iterators = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
@@ -122,7 +216,7 @@ def actor_loss_builder(cfg: AlgorithmConfig, state: ParallelState, *, kl_lambda:
     exactly 1 and no separate pass computes them."""
 
     def loss_func(batch: MicroBatch, logits: torch.Tensor):
-        logprobs, entropy = vocab_parallel_logprobs_entropy(logits, batch.labels, state.tp_group)
+        logprobs, entropy = map(batch.unpacked, vocab_parallel_logprobs_entropy(logits, batch.labels, state.tp_group))
         inputs, extra = batch.actor, {}
         if behaviour_from_forward:  # what the batch carries as behaviour is the engine's: the sync check
             own = logprobs.detach().to(inputs.behaviour_logprobs.dtype) * inputs.loss_mask
@@ -139,7 +233,8 @@ def critic_loss_builder(cfg: AlgorithmConfig) -> LossBuilder:
 
     def loss_func(batch: MicroBatch, values: torch.Tensor):
         targets = batch.critic
-        result = critic_loss(values.squeeze(-1).float(), targets.old_values, targets.returns, targets.loss_mask, cfg)
+        result = critic_loss(batch.unpacked(values.squeeze(-1).float()), targets.old_values, targets.returns,
+                             targets.loss_mask, cfg)
         return result.numerator, result.denominator, {"metrics": result.metrics}
 
     return lambda batch: partial(loss_func, batch)
@@ -151,7 +246,7 @@ def _zero_loss(reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _logprob_builder(state: ParallelState) -> LossBuilder:
     def loss_func(batch: MicroBatch, logits: torch.Tensor):
-        logprobs, entropy = vocab_parallel_logprobs_entropy(logits, batch.labels, state.tp_group)
+        logprobs, entropy = map(batch.unpacked, vocab_parallel_logprobs_entropy(logits, batch.labels, state.tp_group))
         return (*_zero_loss(logprobs), {"logprobs": logprobs, "entropy": entropy})
 
     return lambda batch: partial(loss_func, batch)
@@ -159,7 +254,7 @@ def _logprob_builder(state: ParallelState) -> LossBuilder:
 
 def _value_builder() -> LossBuilder:
     def loss_func(batch: MicroBatch, values: torch.Tensor):
-        values = values.squeeze(-1).float()
+        values = batch.unpacked(values.squeeze(-1).float())
         return (*_zero_loss(values), {"values": values})
 
     return lambda batch: partial(loss_func, batch)
@@ -178,23 +273,33 @@ def broadcast_from_last_stage(tensors: list[torch.Tensor] | None, shapes: list[t
     return out
 
 
+def _stacked(parts: list[torch.Tensor], width: int) -> torch.Tensor:
+    """``[rows, w_i]`` parts right-padded with 0 to ``width`` and stacked: ``[sum of rows, width]``."""
+    return torch.cat([F.pad(part.float(), (0, width - part.size(1))) for part in parts])
+
+
+def _output_shape(micro_batches: Sequence[MicroBatch]) -> tuple[int, int]:
+    """``(rows, widest)`` of the micro-batches: the shape of a per-token forward result."""
+    return sum(b.shape[0] for b in micro_batches), max(b.shape[1] for b in micro_batches)
+
+
 def forward_logprobs(chunks: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch], state: ParallelState
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token ``(logprobs, entropy)``, ``[rows of micro_batches, seq]``, on every rank."""
+    """Per-token ``(logprobs, entropy)``, ``[rows of micro_batches, widest]`` (0 right of a
+    narrower micro-batch), on every rank."""
     logs = run_pipeline(chunks, micro_batches, _logprob_builder(state), state, forward_only=True)
-    rows = sum(batch.tokens.size(0) for batch in micro_batches)
-    shape = (rows, micro_batches[0].tokens.size(1))
-    local = [torch.cat([log[key] for log in logs]).float() for key in ("logprobs", "entropy")] if logs else None
+    shape = _output_shape(micro_batches)
+    local = [_stacked([log[key] for log in logs], shape[1]) for key in ("logprobs", "entropy")] if logs else None
     logprobs, entropy = broadcast_from_last_stage(local, [shape, shape], state)
     return logprobs, entropy
 
 
 def forward_values(chunks: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch], state: ParallelState
                    ) -> torch.Tensor:
-    """Per-token critic values ``[rows of micro_batches, seq]`` on every rank."""
+    """Per-token critic values ``[rows of micro_batches, widest]`` on every rank."""
     logs = run_pipeline(chunks, micro_batches, _value_builder(), state, forward_only=True)
-    shape = (sum(batch.tokens.size(0) for batch in micro_batches), micro_batches[0].tokens.size(1))
-    local = [torch.cat([log["values"] for log in logs])] if logs else None
+    shape = _output_shape(micro_batches)
+    local = [_stacked([log["values"] for log in logs], shape[1])] if logs else None
     return broadcast_from_last_stage(local, [shape], state)[0]
 
 

@@ -172,6 +172,13 @@ class TrainerConfig:
     micro_batch_size: int = doc("sequences per micro-batch on one data-parallel rank", 1)
     global_batch_size: int = doc("sequences per optimizer step over all data-parallel ranks", 4)
     seq_length: int = doc("tokens per training sequence (prompt + response, padded)", 64)
+    max_tokens_per_micro_batch: int = doc(
+        "token budget of a micro-batch (rows x its longest row, padding counted): rows of each minibatch are "
+        "grouped longest first under it, each micro-batch at its own width; 0 = off: micro_batch_size rows per "
+        "micro-batch at the batch's width. micro_batch_size still sets how minibatches are cut", 0)
+    packed_sequences: bool = doc(
+        "token-budget micro-batches packed end to end without padding (THD layout, Megatron's PackedSeqParams): "
+        "GPU with the TransformerEngine spec only; needs max_tokens_per_micro_batch", False)
     num_steps: int = doc("training iterations to run (in total, counting resumed ones)", 3)
     run_dir: str = doc("directory for the resolved config, metrics and checkpoints", "runs/default")
     checkpoint_dir: str = doc("checkpoint root; '' = <run_dir>/checkpoints", "")
@@ -208,6 +215,11 @@ class TrainerConfig:
         _require(self.global_batch_size % self.micro_batch_size == 0,
                  f"trainer.global_batch_size={self.global_batch_size} is not divisible by "
                  f"trainer.micro_batch_size={self.micro_batch_size}")
+        _require(self.max_tokens_per_micro_batch == 0 or self.max_tokens_per_micro_batch >= self.seq_length,
+                 f"trainer.max_tokens_per_micro_batch={self.max_tokens_per_micro_batch} must be 0 (off) or at least "
+                 f"trainer.seq_length={self.seq_length} (a row of the longest width must fit)")
+        _require(not self.packed_sequences or self.max_tokens_per_micro_batch > 0,
+                 "trainer.packed_sequences=true packs token-budget micro-batches: set trainer.max_tokens_per_micro_batch")
         _require(bool(self.run_dir), "trainer.run_dir must not be empty")
         _require(self.save_interval >= -1, f"trainer.save_interval={self.save_interval} must be >= -1 (-1 = never)")
         _require(self.keep_checkpoints >= 1, f"trainer.keep_checkpoints={self.keep_checkpoints} must be >= 1")

@@ -65,7 +65,9 @@ def collect(k: int, prompts, cfg: ExperimentConfig, state: ParallelState, engine
     if recompute:
         behaviour, values = recompute_behaviour(drafts, actor=actor, critic=critic,
                                                 micro_batch_size=cfg.trainer.micro_batch_size,
-                                                seq_length=cfg.trainer.seq_length, state=state)
+                                                seq_length=cfg.trainer.seq_length, state=state,
+                                                max_tokens=cfg.trainer.max_tokens_per_micro_batch,
+                                                packed=cfg.trainer.packed_sequences)
     else:
         spans = response_spans(drafts, cfg.trainer.seq_length)
         behaviour = [g.logprobs[: span.stop - span.start] for (_, _, g), span in zip(flat, spans)]

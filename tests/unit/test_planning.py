@@ -129,3 +129,26 @@ def test_layout_errors_exit_2(capsys):
     with pytest.raises(ConfigError, match="leaves no fresh prompt"):
         plan_layout(load_config(REPO / "configs" / "tiny_remix_ppo.yaml", ["rollout.prompts_per_step=8",
                                                                            "algorithm.fresh_multiple_of=8"]), 1)
+
+
+def test_token_budget_plans_the_budget_not_seq_length_times_micro_batch(capsys):
+    """A budget of k full-length rows plans the activations of micro_batch_size k (every term is
+    per token or, for the attention scores, largest at full width); the paper configs budget one
+    full-length row, so their plans equal micro_batch_size 1's, and the dry run says so."""
+    path = REPO / "configs" / "paper_7b_remix_ppo.yaml"
+    base = load_config(path, ["trainer.max_tokens_per_micro_batch=0"])
+    assert load_config(path).trainer.max_tokens_per_micro_batch == base.trainer.seq_length
+    activations = lambda cfg: [s.rows["training activations (engine asleep)"] for s in plan_memory(cfg).stages]  # noqa: E731
+    assert activations(load_config(path)) == activations(base)
+    budget = load_config(path, [f"trainer.max_tokens_per_micro_batch={3 * base.trainer.seq_length}",
+                                "trainer.micro_batch_size=1"])
+    three = load_config(path, ["trainer.max_tokens_per_micro_batch=0", "trainer.micro_batch_size=3",
+                               "trainer.global_batch_size=264"])  # a multiple of 3 x DP
+    assert activations(budget) == activations(three) and activations(three) != activations(base)
+    # a budget of 1.5 rows: the per-token terms are 1.5 x one row's (TE spec: no attention scores)
+    half = load_config(path, [f"trainer.max_tokens_per_micro_batch={3 * base.trainer.seq_length // 2}"])
+    plan = plan_memory(half)
+    assert plan.num_microbatches == -(-plan.engine.sequences * 2 // 3)
+    assert activations(half) == pytest.approx([1.5 * a for a in activations(base)], rel=1e-6)
+    assert main(["dryrun", str(path)]) == 0
+    assert "micro-batches per step per DP rank at full width" in capsys.readouterr().out
