@@ -1,13 +1,34 @@
-"""The UTD passes of one iteration: optimizer steps of the actor or the critic over the batch's
-minibatches, through Megatron's forward-backward schedule."""
+"""The learning half of one iteration, after its batch is packed: the batch's forward passes and
+loss inputs (``prepare``), then the UTD passes of actor and critic optimizer steps over its
+minibatches through Megatron's forward-backward schedule (``learn``). The trainer and the smoke
+run (``remix-megatron smoke``) both call these."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
-from remix_megatron.algorithms.megatron_adapter import reduce_metrics, run_pipeline
-from remix_megatron.batching import micro_batch_group, minibatches
+from remix_megatron.algorithms import kl_lambda, learning_rate
+from remix_megatron.algorithms.drift import adapt_lr_scale, fresh_drift, replay_drift
+from remix_megatron.algorithms.megatron_adapter import (
+    MicroBatch,
+    actor_loss_builder,
+    critic_loss_builder,
+    reduce_metrics,
+    run_pipeline,
+)
+from remix_megatron.batching import (
+    PolicyForwards,
+    TrainingBatch,
+    batch_forwards,
+    estimate_advantages,
+    micro_batch_group,
+    minibatches,
+    training_micro_batches,
+)
+from remix_megatron.config import AlgorithmConfig, ExperimentConfig
 from remix_megatron.parallel import ParallelState
+from remix_megatron.policies import Models, copy_weights
 
 
 class NonFiniteLossError(RuntimeError):
@@ -22,16 +43,19 @@ def utd_passes(micro_batches: list, *, utd: int, steps: int, seed: Sequence[int]
 
 
 def update(model, passes: list[list], builder, state: ParallelState, counters: dict, limit: int, name: str, *,
-           apply: bool = True) -> dict[str, float]:
+           apply: bool = True, after_backward: Callable[[int], None] | None = None) -> dict[str, float]:
     """One optimizer step per minibatch; a step with non-finite gradients is skipped, and ``limit``
     in a row stop the run. Returns the metrics merged over all its minibatches (every UTD pass).
 
     ``apply=False`` (the no_update control) computes losses and gradients and discards them.
+    ``after_backward(i)`` runs once minibatch ``i``'s gradients are reduced, before its step.
     """
     logs, norms, skipped = [], [], 0
-    for batches in passes:
+    for index, batches in enumerate(passes):
         model.zero_grad()
         logs += run_pipeline(model.chunks, batches, builder, state, forward_only=False)
+        if after_backward is not None:
+            after_backward(index)
         if not apply:
             model.zero_grad()
             skipped += 1
@@ -54,3 +78,82 @@ def update(model, passes: list[list], builder, state: ParallelState, counters: d
     metrics.update(grad_norm=sum(finite) / len(finite) if finite else (float("nan") if norms else 0.0),
                    step_skipped=float(skipped), optimizer_steps=float(len(passes)))
     return metrics
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """What the iteration's updates train on: fixed before the first of them."""
+
+    forwards: PolicyForwards
+    drift: dict[str, float]  # drift/* of the batch before its updates
+    actor: list[MicroBatch]  # with their actor loss inputs
+    critic: list[MicroBatch] | None  # with their value targets (None without a critic)
+
+
+@dataclass(frozen=True)
+class LearnedMetrics:
+    kl_lambda: float
+    actor: dict[str, float]
+    critic: dict[str, float]  # empty without a critic
+
+
+def prepare(batch: TrainingBatch, models: Models, alg: AlgorithmConfig, micro_batch_size: int,
+            state: ParallelState) -> PreparedBatch:
+    """pi_k / ref / prev log-probs and values on the batch and its drift metrics; then prev takes
+    pi_k (for iteration k+1), and the advantages give the micro-batches their loss inputs."""
+    forwards = batch_forwards(batch, actor=models.actor.chunks, ref=models.ref, prev=models.prev,
+                              critic=models.critic.chunks if models.critic is not None else None,
+                              micro_batch_size=micro_batch_size, state=state)
+    drift = drift_metrics(batch, forwards, alg, state)
+    copy_weights(models.actor.unwrapped(), models.prev)
+    estimate = estimate_advantages(batch, forwards, alg, state)
+    actor, critic = training_micro_batches(batch, forwards, estimate, micro_batch_size)
+    return PreparedBatch(forwards=forwards, drift=drift, actor=actor, critic=critic)
+
+
+def learn(k: int, prepared: PreparedBatch, steps: int, models: Models, cfg: ExperimentConfig, state: ParallelState,
+          counters: dict, *, utd: int, after_backward: Callable[[str, int], None] | None = None) -> LearnedMetrics:
+    """Iteration k's optimizer steps: ``utd`` passes of ``steps`` minibatches each, of the actor and
+    then the critic, at the learning rates of k. The advantages and value targets are fixed for
+    the iteration, so the two do not affect each other's updates; each runs all its passes in one
+    go. ``after_backward(name, i)`` sees each model's gradients of minibatch ``i`` before its step."""
+    alg = cfg.algorithm
+    weight = kl_lambda(k, alg)
+    set_learning_rates(k, models, prepared.drift, cfg, counters)
+    apply, limit, seed = cfg.trainer.control != "no_update", cfg.trainer.max_skipped_steps, (cfg.trainer.seed, k)
+
+    def run(name: str, model, batches: list[MicroBatch], builder) -> dict[str, float]:
+        hook = None if after_backward is None else lambda index: after_backward(name, index)
+        passes = utd_passes(batches, utd=utd, steps=steps, seed=seed, state=state)
+        return update(model, passes, builder, state, counters, limit, name, apply=apply, after_backward=hook)
+
+    actor = run("actor", models.actor, prepared.actor, actor_loss_builder(alg, state, kl_lambda=weight))
+    critic = {}
+    if prepared.critic is not None:
+        critic = run("critic", models.critic, prepared.critic, critic_loss_builder(alg))
+    return LearnedMetrics(kl_lambda=weight, actor=actor, critic=critic)
+
+
+def drift_metrics(batch: TrainingBatch, forwards: PolicyForwards, alg: AlgorithmConfig, state: ParallelState
+                  ) -> dict[str, float]:
+    """drift/* of the batch before its updates (see algorithms.drift), over every DP rank. On fresh rows
+    prev is pi_{k-1} and pi_k is their behaviour log-prob; on replayed rows pi_k was computed."""
+    rows = batch.rows
+    drift = {**fresh_drift(forwards.pik, forwards.prev, rows.mask, batch.ages),
+             **replay_drift(forwards.pik, rows.behaviour, rows.mask, batch.ages, max_age=alg.replay_window,
+                            eps_low=alg.clip_eps_low, eps_high=alg.clip_eps_high)}
+    return reduce_metrics([{"metrics": drift}], state)
+
+
+def set_learning_rates(k: int, models: Models, drift: dict, cfg: ExperimentConfig, counters: dict) -> None:
+    """The schedule's lr for iteration k; the actor's scaled by drift control, which adapts first
+    (the TV measured now is the move of the last update)."""
+    alg = cfg.algorithm
+    if alg.drift_control:
+        counters["actor_lr_scale"] = adapt_lr_scale(
+            counters.get("actor_lr_scale", 1.0), drift["drift/tv_prev_fresh"], low=alg.drift_tv_low,
+            high=alg.drift_tv_high, factor=alg.drift_lr_factor, min_scale=alg.drift_lr_min_scale)
+    for model, optim, scale in ((models.actor, cfg.actor_optimizer, counters.get("actor_lr_scale", 1.0)),
+                                (models.critic, cfg.critic_optimizer, 1.0)):
+        if model is not None:
+            model.set_lr(scale * learning_rate(k, cfg.trainer.num_steps, optim.lr, optim.lr_decay, optim.min_lr_ratio))
