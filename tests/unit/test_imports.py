@@ -14,7 +14,7 @@ pytestmark = pytest.mark.unit
 
 PACKAGE = REPO / "remix_megatron"
 # A module may import from its own layer or lower ones, never higher.
-LAYERS = {"registry": 0, "fileio": 0, "faults": 0, "evaluation": 4, "config": 1, "compat": 1, "parallel": 2, "models": 3, "algorithms": 4, "store": 4, "checkpoint": 4, "rollout": 4, "convert": 4, "rewards": 4, "data": 4, "trainer": 5, "batching": 4, "policies": 4, "updates": 4, "stopping": 2, "rundir": 4, "metrics_log": 4, "console": 4, "glossary": 0, "demo": 6, "planning": 4, "validation": 4, "sweep": 6, "cli": 7}
+LAYERS = {"registry": 0, "fileio": 0, "faults": 0, "evaluation": 4, "config": 1, "compat": 1, "parallel": 2, "models": 3, "algorithms": 4, "store": 4, "checkpoint": 4, "rollout": 4, "convert": 4, "rewards": 4, "data": 4, "trainer": 5, "batching": 4, "policies": 4, "updates": 4, "stopping": 2, "rundir": 4, "metrics_log": 4, "console": 4, "glossary": 0, "planning": 4, "validation": 4, "smoke": 5, "sweep": 6, "cli": 7}
 # Imported only inside the functions that use them, never at module level.
 GPU_ONLY = ("transformer_engine", "vllm", "sglang", "apex")
 
