@@ -36,9 +36,10 @@ demo: $(INSTALLED)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=1 -m remix_megatron.cli train configs/tiny_remix_ppo.yaml \
 	    model.hf_path=$$tiny data.train_path=$$tiny/train.jsonl data.eval_path=$$tiny/heldout.jsonl $(ARGS)
 
-# The parallel smoke test: actor + critic ReMix updates on a synthetic batch at TP2 x PP2.
+# The parallel smoke test: the trainer's iterations (forwards, advantages, actor + critic UTD
+# updates, checkpoints) on a synthetic batch at TP2 x PP2, without generation.
 smoke: $(INSTALLED)
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m remix_megatron.cli demo configs/tiny_cpu.yaml
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m remix_megatron.cli smoke configs/tiny_cpu.yaml
 
 test: $(INSTALLED)
 	$(PY) -m pytest

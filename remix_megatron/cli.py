@@ -37,12 +37,12 @@ def _print_checked(checked) -> None:
         print(f"warning: {warning}")
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def _cmd_smoke(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from remix_megatron.demo import run_demo
     from remix_megatron.parallel import destroy_parallel
+    from remix_megatron.smoke import run_smoke
 
-    summary = run_demo(cfg, dump_dir=args.dump, init_from=args.init_from)
+    summary = run_smoke(cfg, dump_dir=args.dump, init_from=args.init_from)
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
@@ -266,12 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="remix-megatron", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train the actor and critic a few steps on a synthetic batch at the "
-                                       "configured TP x PP x DP layout (run under torchrun for >1 process)")
-    _add_config_args(demo)
-    demo.add_argument("--dump", default=None, help="write outputs, gradients and parameters here (for tests)")
-    demo.add_argument("--init-from", default=None, help="full (TP=1, PP=1) safetensors to load first")
-    demo.set_defaults(func=_cmd_demo)
+    smoke = sub.add_parser("smoke", help="the trainer's iterations on a synthetic batch (no generation) at the "
+                                         "configured TP x PP x DP layout (run under torchrun for >1 process)")
+    _add_config_args(smoke)
+    smoke.add_argument("--dump", default=None, help="write forwards, gradients and parameters here (for tests)")
+    smoke.add_argument("--init-from", default=None, help="full (TP=1, PP=1) actor/critic safetensors to start from "
+                                                         "(a dump's init_stage*, merged)")
+    smoke.set_defaults(func=_cmd_smoke)
     trainer = sub.add_parser("train", help="ReMix / PPO / GRPO training from a YAML (run under torchrun for >1 process)")
     _add_config_args(trainer)
     trainer.set_defaults(func=_cmd_train)

@@ -11,7 +11,9 @@
 
 Algorithms (ppo, grpo, remix_ppo, remix_grpo) are configs of this one loop. The pieces live in
 their modules: policies (the four models), rollout.collect, store, batching (the packed batch,
-its forwards and advantages), updates (the optimizer steps), evaluation.in_training.
+its forwards and advantages), updates (``prepare``: forwards and loss inputs; ``learn``: the
+optimizer steps), evaluation.in_training. ``remix-megatron smoke`` runs the same steps after the
+rollout on a synthetic batch (smoke.py).
 """
 
 from __future__ import annotations
@@ -21,15 +23,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from remix_megatron.algorithms import evaluation_due, kl_lambda, learning_rate, needs_critic, phase
-from remix_megatron.algorithms.drift import adapt_lr_scale, fresh_drift, replay_drift
-from remix_megatron.algorithms.kl import kl_weights
-from remix_megatron.algorithms.megatron_adapter import actor_loss_builder, critic_loss_builder, reduce_metrics
-from remix_megatron.batching import (
-    PolicyForwards, TrainingBatch, batch_forwards, estimate_advantages, single_on_policy_pass, training_micro_batches,
-)
+from remix_megatron.algorithms import evaluation_due, needs_critic, phase
+from remix_megatron.batching import TrainingBatch, single_on_policy_pass
 from remix_megatron.checkpoint import load_checkpoint, save_checkpoint
-from remix_megatron.config import AlgorithmConfig, ConfigError, ExperimentConfig, config_to_dict, save_config
+from remix_megatron.config import ConfigError, ExperimentConfig, config_to_dict, save_config
 from remix_megatron.console import iteration_line, say
 from remix_megatron.convert.export import export_hf
 from remix_megatron.data import PromptSource, load_records, load_tokenizer
@@ -46,7 +43,7 @@ from remix_megatron.rollout.weight_sync import check_logprob_gap, sync_weights
 from remix_megatron.rundir import check_run_dir, finished_iteration, read_metrics, restore_run
 from remix_megatron.stopping import StopRequest, TrainingStopped
 from remix_megatron.store import MixedSampler, open_store
-from remix_megatron.updates import update, utd_passes
+from remix_megatron.updates import learn, prepare
 from remix_megatron.validation import validate
 
 
@@ -206,18 +203,6 @@ def _evaluate(k: int, evaluations, engine, tokenizer, grader, cfg: ExperimentCon
                                     grader, cfg, state)
 
 
-def _drift_metrics(batch: TrainingBatch, forwards: PolicyForwards, alg: AlgorithmConfig, state: ParallelState
-                   ) -> dict[str, float]:
-    """drift/* of the batch before its updates (see algorithms.drift), over every DP rank. On fresh rows
-    prev is pi_{k-1} and pi_k is their behaviour log-prob; on replayed rows pi_k was computed."""
-    rows = batch.rows
-    fresh = fresh_drift(forwards.pik, forwards.prev, rows.mask, batch.ages) if forwards.prev is not None else {}
-    drift = {**fresh,
-             **replay_drift(forwards.pik, rows.behaviour, rows.mask, batch.ages, max_age=alg.replay_window,
-                            eps_low=alg.clip_eps_low, eps_high=alg.clip_eps_high)}
-    return reduce_metrics([{"metrics": drift}], state)
-
-
 class _Laps:
     """Wall time of each phase of an iteration, as ``time/{name}_s`` metrics."""
 
@@ -253,43 +238,19 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
         check_logprob_gap(result.logprob_gap, cfg.rollout.logprob_check_threshold)
     _publish(k, result.records, store, cfg, state)
     lap("store")
-    # the mixed batch, packed once; its forward passes; then prev takes pi_k for iteration k+1
+    # the mixed batch, packed once; its forward passes; then prev takes pi_k for iteration k+1, and
+    # the UTD passes of actor and critic updates on the fixed advantages and value targets
     sample = sampler.sample(store, k, current.off_policy_portion, dp_rank=state.dp_rank, dp_size=state.data_parallel)
     batch = TrainingBatch.pack(k, sample.trajectories, sample.ages, seed=cfg.trainer.seed,
                                micro_batch_size=cfg.trainer.micro_batch_size,
                                global_batch_size=cfg.trainer.global_batch_size, seq_length=cfg.trainer.seq_length,
                                state=state)
-    weight = kl_lambda(k, alg)
-    ref_weight, prev_weight = kl_weights(alg.kl_coef, alg.kl_convex, weight)
-    every = cfg.trainer.log_unused_kl  # else a pass whose loss weight is 0 is skipped (drift control needs prev)
-    forwards = batch_forwards(batch, actor=models.actor.chunks, ref=models.ref if ref_weight > 0 or every else None,
-                              prev=models.prev if prev_weight > 0 or every or alg.drift_control else None,
-                              critic=critic_chunks, micro_batch_size=cfg.trainer.micro_batch_size, state=state,
-                              max_tokens=cfg.trainer.max_tokens_per_micro_batch, packed=cfg.trainer.packed_sequences)
-    drift = _drift_metrics(batch, forwards, alg, state)
-    copy_weights(models.actor.unwrapped(), models.prev)
-    estimate = estimate_advantages(batch, forwards, alg, state)
-    actor_batches, critic_batches = training_micro_batches(batch, forwards, estimate, cfg.trainer.micro_batch_size,
-                                                           alg)
+    prepared = prepare(k, batch, models, cfg, state)
     lap("logprobs")
-    # updates: the advantages and value targets are fixed for the iteration, so the actor and
-    # the critic do not affect each other's updates; each runs all its UTD passes in one go
-    _set_learning_rates(k, models, drift, cfg, counters)
-    apply, limit = cfg.trainer.control != "no_update", cfg.trainer.max_skipped_steps
-    seed = (cfg.trainer.seed, k)
-    budget = dict(max_tokens=cfg.trainer.max_tokens_per_micro_batch, multiple=batch.rows.multiple,
-                  packed=cfg.trainer.packed_sequences)
-    actor_metrics = update(models.actor, utd_passes(actor_batches, utd=current.utd, steps=batch.steps, seed=seed,
-                                                    state=state, **budget),
-                           actor_loss_builder(alg, state, kl_lambda=weight, behaviour_from_forward=not result.recomputed),
-                           state, counters, limit, "actor",
-                           apply=apply)
-    critic_metrics = {}
-    if critic_batches is not None:
-        critic_metrics = update(models.critic, utd_passes(critic_batches, utd=current.utd, steps=batch.steps,
-                                                          seed=seed, state=state, **budget),
-                                critic_loss_builder(alg), state, counters, limit, "critic", apply=apply)
+    learned = learn(k, prepared, batch, models, cfg, state, counters, utd=current.utd,
+                    behaviour_from_forward=not result.recomputed)
     lap("update")
+    actor_metrics = learned.actor
     gap = result.logprob_gap
     if not result.recomputed:  # the single pass's own forward against the engine, measured in its loss
         gap = actor_metrics.pop("engine_logprob_gap", None) if check_gap else None
@@ -299,11 +260,11 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
     stats = rollout_stats(result, state)
     counters["rollouts"] += stats["rollouts"]
     record = {"iteration": k, "rollouts_total": counters["rollouts"], "reincarnated": current.reincarnated,
-              "off_policy_portion": current.off_policy_portion, "utd": current.utd, "kl_lambda": weight,
+              "off_policy_portion": current.off_policy_portion, "utd": current.utd, "kl_lambda": learned.kl_lambda,
               "actor/lr": models.actor.optimizer.param_groups[0]["lr"],
               "replayed_groups": sample.plan.num_replayed, "fresh_groups": sample.plan.num_fresh, **stats,
               **{f"actor/{key}": value for key, value in actor_metrics.items()},
-              **{f"critic/{key}": value for key, value in critic_metrics.items()}, **drift, **lap.times}
+              **{f"critic/{key}": value for key, value in learned.critic.items()}, **prepared.drift, **lap.times}
     record["behaviour_recomputed"] = float(result.recomputed)
     if gap is not None:
         record["engine_logprob_gap"] = gap
@@ -323,15 +284,3 @@ def _publish(k: int, records: list, store, cfg: ExperimentConfig, state: Paralle
     dist.barrier()
 
 
-def _set_learning_rates(k: int, models: Models, drift: dict, cfg: ExperimentConfig, counters: dict) -> None:
-    """The schedule's lr for iteration k; the actor's scaled by drift control, which adapts first
-    (the TV measured now is the move of the last update)."""
-    alg = cfg.algorithm
-    if alg.drift_control:
-        counters["actor_lr_scale"] = adapt_lr_scale(
-            counters.get("actor_lr_scale", 1.0), drift["drift/tv_prev_fresh"], low=alg.drift_tv_low,
-            high=alg.drift_tv_high, factor=alg.drift_lr_factor, min_scale=alg.drift_lr_min_scale)
-    for model, optim, scale in ((models.actor, cfg.actor_optimizer, counters.get("actor_lr_scale", 1.0)),
-                                (models.critic, cfg.critic_optimizer, 1.0)):
-        if model is not None:
-            model.set_lr(scale * learning_rate(k, cfg.trainer.num_steps, optim.lr, optim.lr_decay, optim.min_lr_ratio))

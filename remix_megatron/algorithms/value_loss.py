@@ -15,6 +15,9 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     unclipped = (values - returns) ** 2
     if clip <= 0:
         return 0.5 * unclipped, torch.zeros_like(unclipped, dtype=torch.bool)
-    clipped_values = old_values + (values - old_values).clamp(-clip, clip)
+    # Inside the window the clipped value is v itself: old + (v - old) can round 1 ulp away from v
+    # (v - old is inexact when v > 2 old), and that alone would mark the token clipped.
+    move = values - old_values
+    clipped_values = torch.where(move.abs() <= clip, values, old_values + move.clamp(-clip, clip))
     clipped_loss = (clipped_values - returns) ** 2
     return 0.5 * torch.maximum(unclipped, clipped_loss), clipped_loss > unclipped

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tests.conftest import REPO, run_cli
 from tests.distributed.test_layout_equivalence import merged
@@ -26,8 +25,8 @@ TP1 = ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=1"]
 TP2PP2 = ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"]
 
 
-def demo(out: Path, run: Path, steps: int, layout: list[str], nproc: int, *extra: str, init: Path | None = None):
-    args = ["demo", *BASE, *layout, f"trainer.num_steps={steps}", f"trainer.run_dir={run}", *extra, "--dump", str(out)]
+def smoke(out: Path, run: Path, steps: int, layout: list[str], nproc: int, *extra: str, init: Path | None = None):
+    args = ["smoke", *BASE, *layout, f"trainer.num_steps={steps}", f"trainer.run_dir={run}", *extra, "--dump", str(out)]
     if init is not None:
         args += ["--init-from", str(init)]
     return run_cli(args, nproc=nproc).stdout
@@ -42,14 +41,14 @@ def bitwise(a: dict, b: dict, what: str) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("five")
-    demo(out, out / "run", 5, TP1, 1)
+    smoke(out, out / "run", 5, TP1, 1)
     return out
 
 
 def test_resume_is_bitwise_identical(uninterrupted, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
-    demo(first, tmp_path / "run", 3, TP1, 1)
-    stdout = demo(second, tmp_path / "run", 5, TP1, 1)
+    smoke(first, tmp_path / "run", 3, TP1, 1)
+    stdout = smoke(second, tmp_path / "run", 5, TP1, 1)
     assert "resumed from" in stdout and "at iteration 3" in stdout
     bitwise(merged(second, "init"), merged(first, "final"), "parameters after resume")
     bitwise(merged(second, "final"), merged(uninterrupted, "final"), "parameters after 3 + 2 iterations")
@@ -64,8 +63,8 @@ def test_resume_into_another_layout(uninterrupted, tmp_path):
 
     save_file(merged(uninterrupted, "init"), str(init))
     saved, resumed = tmp_path / "saved", tmp_path / "resumed"
-    demo(saved, tmp_path / "run", 3, TP2PP2, 4, init=init)
-    demo(resumed, tmp_path / "run", 5, TP1, 1)  # TP2 x PP2 checkpoint into one process
+    smoke(saved, tmp_path / "run", 3, TP2PP2, 4, init=init)
+    smoke(resumed, tmp_path / "run", 5, TP1, 1)  # TP2 x PP2 checkpoint into one process
     bitwise(merged(resumed, "init"), merged(saved, "final"), "parameters resharded TP2xPP2 -> TP1")
     final, expected = merged(resumed, "final"), merged(uninterrupted, "final")
     worst = max((final[k] - expected[k]).abs().max().item() for k in expected)
@@ -89,7 +88,7 @@ sys.exit(main(sys.argv[1:]))
 
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     run = tmp_path / "run"
-    args = ["demo", *BASE, *TP1, "trainer.num_steps=4", "trainer.save_interval=2", f"trainer.run_dir={run}"]
+    args = ["smoke", *BASE, *TP1, "trainer.num_steps=4", "trainer.save_interval=2", f"trainer.run_dir={run}"]
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(29700 + os.getpid() % 200)}
     proc = subprocess.Popen([sys.executable, "-c", HANG, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -104,6 +103,6 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     checkpoints = run / "checkpoints"
     assert (checkpoints / "latest").read_text() == "iter_0000002"
     assert (checkpoints / "iter_0000004.tmp").is_dir() and not (checkpoints / "iter_0000004").exists()
-    stdout = demo(tmp_path / "out", run, 4, TP1, 1)
+    stdout = smoke(tmp_path / "out", run, 4, TP1, 1)
     assert "at iteration 2" in stdout and (checkpoints / "latest").read_text() == "iter_0000004"
     assert not (checkpoints / "iter_0000004.tmp").exists()

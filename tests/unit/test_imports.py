@@ -18,7 +18,7 @@ LAYERS = {
     "registry": 0, "fileio": 0, "faults": 0, "glossary": 0, "families": 1, "config": 1, "compat": 1, "parallel": 2,
     "stopping": 2, "models": 3, "evaluation": 4, "algorithms": 4, "store": 4, "checkpoint": 4, "rollout": 4,
     "convert": 4, "rewards": 4, "data": 4, "batching": 4, "policies": 4, "updates": 4, "rundir": 4, "metrics_log": 4,
-    "console": 4, "planning": 4, "validation": 4, "trainer": 5, "demo": 6, "sweep": 6, "cli": 7,
+    "console": 4, "planning": 4, "validation": 4, "trainer": 5, "smoke": 5, "sweep": 6, "cli": 7,
 }
 # Imported only inside the functions that use them, never at module level.
 GPU_ONLY = ("transformer_engine", "vllm", "sglang", "apex")

@@ -81,9 +81,9 @@ def test_multinode_from_environment(stubs):
 def test_multinode_arguments_override_environment(stubs):
     env = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.7", "NPROC_PER_NODE": "4"}
     args = ["--nnodes", "3", "--node-rank", "2", "--master-addr", "host0", "--master-port", "29999",
-            "--nproc-per-node", "2", "--", "demo", "configs/tiny_cpu.yaml"]
+            "--nproc-per-node", "2", "--", "smoke", "configs/tiny_cpu.yaml"]
     result = run(MULTINODE, args, env, stubs)
-    assert python_lines(result) == [torchrun(3, 2, 2, "host0:29999", "remix", "demo", "configs/tiny_cpu.yaml")]
+    assert python_lines(result) == [torchrun(3, 2, 2, "host0:29999", "remix", "smoke", "configs/tiny_cpu.yaml")]
 
 
 def test_multinode_defaults_and_slurm_node_rank(stubs):

@@ -52,3 +52,19 @@ def test_consecutive_skips_stop_with_a_clear_error(monkeypatch):
     with pytest.raises(updates.NonFiniteLossError, match="3 actor optimizer steps in a row had NaN/inf gradients"):
         updates.update(bad, [[]], None, state, counters, 3, "actor")
     assert counters["skipped_total"] == 4
+
+
+def test_after_backward_sees_each_minibatch_before_its_step(monkeypatch):
+    """The hook the smoke run dumps first-step gradients with: called once per minibatch, in
+    order, after its backward and before its optimizer step (also when the step is skipped)."""
+    monkeypatch.setattr(updates, "run_pipeline", lambda *a, **k: [])
+    monkeypatch.setattr(updates, "reduce_metrics", lambda logs, state: {})
+    seen = []
+    model = model_with_grad(0.5)
+    hook = lambda index: seen.append((index, model.optimizer.steps, model.chunks[0].module.weight.grad[0, 0].item()))  # noqa: E731
+    updates.update(model, [[], [], []], None, types.SimpleNamespace(rank=0), {}, 3, "actor", after_backward=hook)
+    assert seen == [(0, 0, 0.5), (1, 1, 0.5), (2, 2, 0.5)] and model.optimizer.steps == 3
+    seen.clear()
+    updates.update(model_with_grad(float("nan")), [[]], None, types.SimpleNamespace(rank=1), {}, 3, "critic",
+                   after_backward=lambda index: seen.append(index))
+    assert seen == [0]

@@ -24,6 +24,16 @@ def test_clipped_value_loss_hand_computed():
     assert not none.any()
 
 
+def test_value_inside_the_window_is_never_clipped_by_rounding():
+    """A critic value moved 0.36 (inside the 0.5 window) where old + (v - old) != v in float32: the
+    token is not clipped and its loss is exactly the unclipped one (the clip fraction counted
+    such tokens, and flipped between TP/DP layouts on summation order)."""
+    values, old, returns = torch.tensor([0.47215548157691956]), torch.tensor([0.11335860192775726]), torch.zeros(1)
+    assert (old + (values - old)).item() != values.item()  # the rounding this guards against
+    loss, clipped = clipped_value_loss(values, old, returns, clip=0.5)
+    assert not clipped.any() and torch.equal(loss, 0.5 * (values - returns) ** 2)
+
+
 PER_TOKEN = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0], [7.0, 7.0, 7.0]])
 MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
 
