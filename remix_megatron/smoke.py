@@ -27,13 +27,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from remix_megatron.algorithms import phase
+from remix_megatron.algorithms import needs_critic, phase
 from remix_megatron.batching import PolicyForwards, TrainingBatch
 from remix_megatron.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
 from remix_megatron.config import ExperimentConfig
 from remix_megatron.models import iter_full_tensors, param_grad
 from remix_megatron.parallel import ParallelState, init_parallel, world_size_from_env
-from remix_megatron.planning import CRITIC_ESTIMATORS
 from remix_megatron.policies import Models, build_models, copy_weights
 from remix_megatron.rollout.synthetic import SyntheticRollout
 from remix_megatron.updates import learn, prepare
@@ -46,7 +45,7 @@ def run_smoke(cfg: ExperimentConfig, *, dump_dir: str | None = None, init_from: 
     validate(cfg, world_size_from_env(), training=False)
     rollout = SyntheticRollout.make(cfg)
     state = init_parallel(cfg)
-    models = build_models(cfg, state, with_critic=cfg.algorithm.advantage_estimator in CRITIC_ESTIMATORS,
+    models = build_models(cfg, state, with_critic=needs_critic(cfg.algorithm.advantage_estimator),
                           init_from=init_from)
     dump = Path(dump_dir) if dump_dir else None
     if dump is not None:

@@ -76,3 +76,15 @@ def test_algorithms_are_pure_tensor_code(path):
     for name in _imports(path):
         assert not name.startswith(("torch.distributed", "megatron", "remix_megatron.models",
                                     "remix_megatron.parallel")), f"{path.name} imports {name}"
+
+
+MODULES = sorted(".".join(p.relative_to(REPO).with_suffix("").parts) for p in PACKAGE.rglob("*.py")
+                 if p.name != "__init__.py")
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_module_imports(module):
+    """A name that moved (or a stale import left by a merge) fails here, not at a command's first use."""
+    import importlib
+
+    importlib.import_module(module)
