@@ -24,10 +24,19 @@ import torch
 import torch.distributed as dist
 
 from remix_megatron.algorithms import (
-    ADVANTAGE_ESTIMATORS, ActorLossInputs, AdvantageInputs, AdvantageOutput, Phase, needs_critic,
+    ADVANTAGE_ESTIMATORS,
+    ActorLossInputs,
+    AdvantageInputs,
+    AdvantageOutput,
+    Phase,
+    needs_critic,
 )
 from remix_megatron.algorithms.megatron_adapter import (
-    CriticTargets, MicroBatch, forward_logprobs, forward_values, split_micro_batches,
+    CriticTargets,
+    MicroBatch,
+    forward_logprobs,
+    forward_values,
+    split_micro_batches,
 )
 from remix_megatron.algorithms.mismatch import MISMATCH_CORRECTIONS
 from remix_megatron.config import AlgorithmConfig, ExperimentConfig

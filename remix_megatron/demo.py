@@ -29,14 +29,26 @@ import torch.distributed as dist
 
 from remix_megatron.algorithms import ADVANTAGE_ESTIMATORS, ActorLossInputs, AdvantageInputs, kl_lambda, phase
 from remix_megatron.algorithms.megatron_adapter import (
-    CriticTargets, MicroBatch, actor_loss_builder, critic_loss_builder, forward_logprobs, forward_values,
-    reduce_metrics, run_pipeline, split_micro_batches,
+    CriticTargets,
+    MicroBatch,
+    actor_loss_builder,
+    critic_loss_builder,
+    forward_logprobs,
+    forward_values,
+    reduce_metrics,
+    run_pipeline,
+    split_micro_batches,
 )
 from remix_megatron.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
 from remix_megatron.config import ExperimentConfig
 from remix_megatron.convert.export import load_hf_into
 from remix_megatron.models import (
-    build_actor, build_critic, iter_full_tensors, load_full_state_dict, make_trainable, param_grad,
+    build_actor,
+    build_critic,
+    iter_full_tensors,
+    load_full_state_dict,
+    make_trainable,
+    param_grad,
 )
 from remix_megatron.parallel import ParallelState, init_parallel, world_size_from_env
 from remix_megatron.validation import validate

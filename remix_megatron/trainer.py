@@ -26,7 +26,12 @@ from remix_megatron.algorithms.drift import adapt_lr_scale, fresh_drift, replay_
 from remix_megatron.algorithms.kl import kl_weights
 from remix_megatron.algorithms.megatron_adapter import actor_loss_builder, critic_loss_builder, reduce_metrics
 from remix_megatron.batching import (
-    PolicyForwards, TrainingBatch, batch_forwards, estimate_advantages, single_on_policy_pass, training_micro_batches,
+    PolicyForwards,
+    TrainingBatch,
+    batch_forwards,
+    estimate_advantages,
+    single_on_policy_pass,
+    training_micro_batches,
 )
 from remix_megatron.checkpoint import load_checkpoint, save_checkpoint
 from remix_megatron.config import AlgorithmConfig, ConfigError, ExperimentConfig, config_to_dict, save_config

@@ -17,7 +17,11 @@ from typing import Sequence
 from remix_megatron.data import PromptSource, load_records
 from remix_megatron.evaluation.benchmarks import Benchmark
 from remix_megatron.evaluation.metrics import (
-    avg_at_k, format_correct, pass_at_k, prompt_opens_think, self_reflection,
+    avg_at_k,
+    format_correct,
+    pass_at_k,
+    prompt_opens_think,
+    self_reflection,
 )
 from remix_megatron.fileio import atomic_write_text
 from remix_megatron.rollout.engine import SamplingParams

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tests.conftest import REPO, run_cli
 from tests.distributed.test_layout_equivalence import merged

@@ -136,8 +136,8 @@ def test_controls_no_update_and_shuffled_rewards(tiny_dir, tmp_path):
     """The benchmark's controls: no_update leaves the policy (and its accuracy) exactly as it was;
     shuffled_rewards stores a permutation of the true rewards, detached from the responses."""
     from safetensors.torch import load_file
-    from remix_megatron.data import load_tokenizer
 
+    from remix_megatron.data import load_tokenizer
     from remix_megatron.rewards import MathGrader
     from remix_megatron.store import open_store
 

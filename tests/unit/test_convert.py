@@ -9,7 +9,15 @@ import torch
 
 from remix_megatron.config import ConfigError, load_config
 from remix_megatron.convert.hf import (
-    ConversionError, HFWeights, MegatronFromHF, Row, check_model_matches_hf, fuse, hf_tensors, name_map, split,
+    ConversionError,
+    HFWeights,
+    MegatronFromHF,
+    Row,
+    check_model_matches_hf,
+    fuse,
+    hf_tensors,
+    name_map,
+    split,
 )
 from tests.hf_models import make_hf_model
 

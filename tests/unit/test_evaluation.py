@@ -12,7 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from remix_megatron.evaluation import (
-    Protocol, avg_at_k, format_correct, pass_at_k, prompt_opens_think, resolve_benchmarks, self_reflection,
+    Protocol,
+    avg_at_k,
+    format_correct,
+    pass_at_k,
+    prompt_opens_think,
+    resolve_benchmarks,
+    self_reflection,
 )
 from remix_megatron.evaluation.runner import EvalSettings, evaluate_benchmarks, write_outputs
 from remix_megatron.rewards import MathGrader

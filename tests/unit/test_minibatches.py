@@ -56,8 +56,8 @@ def test_grpo_groups_ignore_the_padding_copies():
     import numpy as np
 
     from remix_megatron.algorithms.advantages import grpo_advantages
-    from remix_megatron.store import Trajectory
     from remix_megatron.batching import TrainingBatch, pad_rows
+    from remix_megatron.store import Trajectory
 
     def row(group: int, reward: float, length: int = 3) -> Trajectory:
         return Trajectory(iteration=4, prompt_id=f"p{group}", group_id=group, prompt_tokens=np.arange(2),

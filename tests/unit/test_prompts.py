@@ -37,8 +37,8 @@ def test_paper_template_renders_like_the_paper():
 
 
 def test_template_goes_through_a_real_chat_template(tmp_path):
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     vocab = {c: i for i, c in enumerate(sorted(set("<|user|>assistant:end " + PAPER_TEMPLATE + "12+?W hat is")), 3)}
     inner = Tokenizer(models.WordLevel({**vocab, "[UNK]": 0}, unk_token="[UNK]"))
