@@ -312,7 +312,8 @@ def minibatches(micro_batches: list, steps: int, seed: Sequence[int], group: int
     """The micro-batches in a seeded random order, cut into ``steps`` nearly equal minibatches;
     each is padded with masked copies to a multiple of ``group`` micro-batches (the same rows
     train in each minibatch whatever the layout)."""
-    order = np.random.default_rng(list(seed)).permutation(len(micro_batches)) if steps > 1 else range(len(micro_batches))
+    order = (np.random.default_rng(list(seed)).permutation(len(micro_batches)) if steps > 1
+             else range(len(micro_batches)))
     shuffled = [micro_batches[i] for i in order]
     bounds = np.linspace(0, len(shuffled), steps + 1).round().astype(int)
     cut = [shuffled[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dump", default=None, help="write outputs, gradients and parameters here (for tests)")
     demo.add_argument("--init-from", default=None, help="full (TP=1, PP=1) safetensors to load first")
     demo.set_defaults(func=_cmd_demo)
-    trainer = sub.add_parser("train", help="ReMix / PPO / GRPO training from a YAML (run under torchrun for >1 process)")
+    trainer = sub.add_parser("train",
+                             help="ReMix / PPO / GRPO training from a YAML (run under torchrun for >1 process)")
     _add_config_args(trainer)
     trainer.set_defaults(func=_cmd_train)
     config = sub.add_parser("config", help="print the reference of all keys, show or check a config")

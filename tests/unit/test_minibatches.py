@@ -16,9 +16,10 @@ pytestmark = pytest.mark.unit
 def micro_batch(index: int) -> MicroBatch:
     shape = (2, 5)
     tokens = torch.full(shape, index)
-    actor = ActorLossInputs(loss_mask=torch.ones(shape), advantages=torch.ones(shape), behaviour_logprobs=-torch.ones(shape),
-                            pik_logprobs=-torch.ones(shape), ref_logprobs=-torch.ones(shape),
-                            prev_logprobs=-torch.ones(shape), sample_age=torch.zeros(2, dtype=torch.long))
+    actor = ActorLossInputs(loss_mask=torch.ones(shape), advantages=torch.ones(shape),
+                            behaviour_logprobs=-torch.ones(shape), pik_logprobs=-torch.ones(shape),
+                            ref_logprobs=-torch.ones(shape), prev_logprobs=-torch.ones(shape),
+                            sample_age=torch.zeros(2, dtype=torch.long))
     critic = CriticTargets(loss_mask=torch.ones(shape), old_values=torch.zeros(shape), returns=torch.ones(shape))
     return MicroBatch(tokens=tokens, labels=tokens, actor=actor, critic=critic)
 

@@ -76,7 +76,8 @@ def test_formats_and_shared_data(tmp_path):
 
 def test_missing_fields_are_named():
     with pytest.raises(ValueError, match="row 1 lacks 'answer'.*fields present: \\['id', 'problem'\\]"):
-        PromptSource([{"problem": "a", "answer": "1"}, {"id": "x", "problem": "b"}], CharTokenizer(), template="{problem}")
+        PromptSource([{"problem": "a", "answer": "1"}, {"id": "x", "problem": "b"}], CharTokenizer(),
+                     template="{problem}")
     source = PromptSource([{"question": "a", "solution": "1"}], CharTokenizer(), template="{problem}",
                           problem_key="question", answer_key="solution")
     assert source.prompts[0].answer == "1" and source.prompts[0].id == "prompts-0"
