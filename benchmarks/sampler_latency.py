@@ -51,13 +51,14 @@ def main() -> None:
         start = time.perf_counter()
         for k in range(iterations):
             for rank in range(2):
-                store.write_shard(k, rank, realistic_records(k, PER_ITERATION // 2, median_response=args.median_response,
+                store.write_shard(k, rank, realistic_records(k, PER_ITERATION // 2,
+                                                            median_response=args.median_response,
                                                             first_group=rank * PER_ITERATION // 2))
             store.publish(k, 2)
         build_s = time.perf_counter() - start
         size = sum(store.info(k).bytes for k in store.iterations())
-        print(f"store: {iterations * PER_ITERATION} trajectories in {iterations} iterations, {size / 1e9:.2f} GB on disk "
-              f"(built in {build_s:.0f} s)")
+        print(f"store: {iterations * PER_ITERATION} trajectories in {iterations} iterations, "
+              f"{size / 1e9:.2f} GB on disk (built in {build_s:.0f} s)")
         sampler = MixedSampler(groups_per_step=PER_ITERATION, window=2, fresh_multiple_of=8, seed=0)
         for label, dp_size in (("whole batch, 1 rank", 1), ("one rank of 8", 8)):
             times, peaks = [], []

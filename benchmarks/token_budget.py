@@ -78,7 +78,8 @@ def main() -> None:
         fixed, budgeted, real = plans(records, seq_length=seq_length, micro_batch_size=args.micro_batch,
                                       budget=int(args.budget_rows * seq_length), state=state)
         print(f"  lengths / {scale:<3} (seq_length {seq_length}): padded/real fixed {padded(fixed) / real:.2f} "
-              f"({len(fixed)} micro-batches), token budget {padded(budgeted) / real:.3f} ({len(budgeted)} micro-batches)")
+              f"({len(fixed)} micro-batches), token budget {padded(budgeted) / real:.3f} "
+              f"({len(budgeted)} micro-batches)")
 
     actor = make_trainable(build_actor(cfg.model, state), cfg.actor_optimizer, cfg.parallel, state)
     builder = actor_loss_builder(cfg.algorithm, state, kl_lambda=kl_lambda(1, cfg.algorithm))

@@ -73,7 +73,8 @@ def main() -> None:
               f"{args.bucket_mb} MB, TP{state.tensor_parallel} x PP{state.pipeline_parallel}")
         print(f"  plain in-memory copy : {copy * 1e3:8.1f} ms")
         print(f"  weight sync          : {sync * 1e3:8.1f} ms   ratio {sync / copy:.2f}  (target <= 1.5)")
-        print(f"  peak extra memory bound: one bucket ({args.bucket_mb} MB) x2 + largest tensor ({largest / 1e6:.0f} MB)")
+        print(f"  peak extra memory bound: one bucket ({args.bucket_mb} MB) x2 "
+              f"+ largest tensor ({largest / 1e6:.0f} MB)")
     destroy_parallel()
 
 

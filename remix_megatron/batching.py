@@ -24,10 +24,19 @@ import torch
 import torch.distributed as dist
 
 from remix_megatron.algorithms import (
-    ADVANTAGE_ESTIMATORS, ActorLossInputs, AdvantageInputs, AdvantageOutput, Phase, needs_critic,
+    ADVANTAGE_ESTIMATORS,
+    ActorLossInputs,
+    AdvantageInputs,
+    AdvantageOutput,
+    Phase,
+    needs_critic,
 )
 from remix_megatron.algorithms.megatron_adapter import (
-    CriticTargets, MicroBatch, forward_logprobs, forward_values, split_micro_batches,
+    CriticTargets,
+    MicroBatch,
+    forward_logprobs,
+    forward_values,
+    split_micro_batches,
 )
 from remix_megatron.algorithms.mismatch import MISMATCH_CORRECTIONS
 from remix_megatron.config import AlgorithmConfig, ExperimentConfig
@@ -204,7 +213,8 @@ def budget_split(whole: MicroBatch, mask: torch.Tensor, budget: int, multiple: i
 
 
 def scatter_rows(computed: torch.Tensor, order: list[int], rows: int, width: int) -> torch.Tensor:
-    """``[rows, width]``: row ``order[i]`` is ``computed[i]`` (0 where it has no value, past its width, or not in order)."""
+    """``[rows, width]``: row ``order[i]`` is ``computed[i]`` (0 where it has no value, past its
+    width, or not in order)."""
     out = torch.zeros(rows, width)
     out[order, :computed.size(1)] = computed[:len(order)].cpu().float()
     return out
@@ -415,7 +425,8 @@ def minibatches(micro_batches: list, steps: int, seed: Sequence[int], group: int
     """The micro-batches in a seeded random order, cut into ``steps`` nearly equal minibatches;
     each is padded with masked copies to a multiple of ``group`` micro-batches (the same rows
     train in each minibatch whatever the layout)."""
-    order = np.random.default_rng(list(seed)).permutation(len(micro_batches)) if steps > 1 else range(len(micro_batches))
+    order = (np.random.default_rng(list(seed)).permutation(len(micro_batches)) if steps > 1
+             else range(len(micro_batches)))
     shuffled = [micro_batches[i] for i in order]
     bounds = np.linspace(0, len(shuffled), steps + 1).round().astype(int)
     cut = [shuffled[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

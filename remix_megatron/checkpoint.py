@@ -287,5 +287,6 @@ def load_checkpoint(root: str | os.PathLike, models: Mapping[str, Model], state:
             model.optimizer.reload_model_params()
     if payload["layout"] == _layout(state):
         rng = directory / "rng" / f"rank_{state.rank:05d}"
-        _set_rng_state(load_file(str(rng.with_suffix(".safetensors"))), json.loads(rng.with_suffix(".json").read_text()))
+        _set_rng_state(load_file(str(rng.with_suffix(".safetensors"))),
+                       json.loads(rng.with_suffix(".json").read_text()))
     return payload

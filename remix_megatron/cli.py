@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("--init-from", default=None, help="full (TP=1, PP=1) actor/critic safetensors to start from "
                                                          "(a dump's init_stage*, merged)")
     smoke.set_defaults(func=_cmd_smoke)
-    trainer = sub.add_parser("train", help="ReMix / PPO / GRPO training from a YAML (run under torchrun for >1 process)")
+    trainer = sub.add_parser("train",
+                             help="ReMix / PPO / GRPO training from a YAML (run under torchrun for >1 process)")
     _add_config_args(trainer)
     trainer.set_defaults(func=_cmd_train)
     config = sub.add_parser("config", help="print the reference of all keys, show or check a config")

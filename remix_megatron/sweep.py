@@ -37,8 +37,8 @@ from remix_megatron.config import ConfigError, ExperimentConfig, load_config
 from remix_megatron.fileio import atomic_write_text
 from remix_megatron.metrics_log import against_rollouts, curve, describe, pyplot, save_figure
 from remix_megatron.planning import format_memory, plan_memory
-from remix_megatron.validation import training_problems, validate
 from remix_megatron.rundir import read_metrics
+from remix_megatron.validation import training_problems, validate
 
 LAUNCH_DIR = Path(__file__).resolve().parent.parent / "launch"
 LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",

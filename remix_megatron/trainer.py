@@ -59,7 +59,8 @@ def _train_source(cfg: ExperimentConfig, tokenizer) -> PromptSource:
 
 def _eval_line(record: dict) -> str:
     parts = [f"held-out {record['eval_accuracy']:.3f}"] if "eval_accuracy" in record else []
-    parts += [f"{key[5:]} {value:.3f}" for key, value in record.items() if key.startswith("eval/") and key.count("/") == 1]
+    parts += [f"{key[5:]} {value:.3f}" for key, value in record.items()
+              if key.startswith("eval/") and key.count("/") == 1]
     return " | " + ", ".join(parts) if parts else ""
 
 
@@ -194,7 +195,8 @@ def _report(k: int, record: dict, cfg: ExperimentConfig, state: ParallelState, h
 
 def _sync(engine, models: Models, cfg: ExperimentConfig, state: ParallelState) -> None:
     """Wake-time weight sync: the actor's current weights into the engine."""
-    sync_weights(engine, models.actor.unwrapped(), state, cfg.model, bucket_bytes=cfg.rollout.weight_sync_bucket_mb << 20)
+    sync_weights(engine, models.actor.unwrapped(), state, cfg.model,
+                 bucket_bytes=cfg.rollout.weight_sync_bucket_mb << 20)
 
 
 def _evaluate(k: int, evaluations, engine, tokenizer, grader, cfg: ExperimentConfig, state: ParallelState,

@@ -46,7 +46,8 @@ def utd_passes(micro_batches: list, *, utd: int, steps: int, seed: Sequence[int]
     if not max_tokens:
         return [minibatch for utd_pass in range(utd)
                 for minibatch in minibatches(micro_batches, steps, (*seed, utd_pass, state.dp_rank), group)]
-    parts = [part for utd_pass in range(utd) for part in minibatches(micro_batches, steps, (*seed, utd_pass, state.dp_rank))]
+    parts = [part for utd_pass in range(utd)
+             for part in minibatches(micro_batches, steps, (*seed, utd_pass, state.dp_rank))]
     return budget_minibatches(parts, max_tokens, multiple, state, packed=packed)
 
 

@@ -130,7 +130,8 @@ def training_problems(cfg: ExperimentConfig) -> list[str]:
         problems.append(f"model.hf_path={cfg.model.hf_path} is not a directory")
     if cfg.trainer.packed_sequences and not _transformer_engine(cfg):
         problems.append("trainer.packed_sequences=true needs CUDA GPUs and the TransformerEngine layer spec (THD "
-                        "attention; Megatron's local spec has none): on CPU use trainer.max_tokens_per_micro_batch alone")
+                        "attention; Megatron's local spec has none): on CPU use "
+                        "trainer.max_tokens_per_micro_batch alone")
     train_path = cfg.data.train_path
     if not train_path:
         problems.append("data.train_path is required for training (a .jsonl / .parquet / HF datasets path)")

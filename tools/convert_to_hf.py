@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Export a remix-megatron checkpoint's actor (or critic) as a HuggingFace directory.
+r"""Export a remix-megatron checkpoint's actor (or critic) as a HuggingFace directory.
 
     python tools/convert_to_hf.py CHECKPOINT_ROOT --out DIR [--model critic] [--iteration N] [--dtype bf16]
-    torchrun --nproc_per_node=4 tools/convert_to_hf.py ROOT --out DIR parallel.tensor_parallel=2 parallel.pipeline_parallel=2
+    torchrun --nproc_per_node=4 tools/convert_to_hf.py ROOT --out DIR \
+        parallel.tensor_parallel=2 parallel.pipeline_parallel=2
 
 Same as `remix-megatron convert to-hf ...`.
 """

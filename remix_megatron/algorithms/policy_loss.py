@@ -63,7 +63,8 @@ POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")
 
 
 def ppo_loss(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, pik_logprobs: torch.Tensor,
-             advantages: torch.Tensor, *, eps_low: float, eps_high: float, dual_clip_c: float = 0.0) -> PolicyLossOutput:
+             advantages: torch.Tensor, *, eps_low: float, eps_high: float,
+             dual_clip_c: float = 0.0) -> PolicyLossOutput:
     """PPO's clipped surrogate with the ratio against the behaviour policy, window around 1."""
     del pik_logprobs  # plain PPO ignores how far the behaviour policy is from pi_k
     ratio = _ratio(logprobs, behaviour_logprobs)

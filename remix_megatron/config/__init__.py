@@ -4,8 +4,8 @@ from remix_megatron.config.loader import (
     build_config,
     config_to_dict,
     layout_errors,
-    load_yaml_text,
     load_config,
+    load_yaml_text,
     parse_overrides,
     read_yaml,
     reference_yaml,
@@ -29,7 +29,8 @@ from remix_megatron.config.schema import (
 )
 
 __all__ = [
-    "AlgorithmConfig", "ClusterConfig", "ConfigError", "DataConfig", "ExperimentConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "RolloutConfig", "StoreConfig", "TrainerConfig",
-    "MODEL_PRESETS", "build_config", "config_to_dict", "layout_errors", "load_config", "load_yaml_text", "parse_overrides", "read_yaml",
-    "reference_yaml", "save_config", "to_yaml", "validate_layout",
+    "AlgorithmConfig", "ClusterConfig", "ConfigError", "DataConfig", "ExperimentConfig", "ModelConfig",
+    "OptimizerConfig", "ParallelConfig", "RolloutConfig", "StoreConfig", "TrainerConfig",
+    "MODEL_PRESETS", "build_config", "config_to_dict", "layout_errors", "load_config", "load_yaml_text",
+    "parse_overrides", "read_yaml", "reference_yaml", "save_config", "to_yaml", "validate_layout",
 ]

@@ -105,7 +105,8 @@ class ParallelConfig:
     use_distributed_optimizer: bool = doc("shard optimizer state over data-parallel ranks", False)
     backend: str = doc("torch.distributed backend: auto (nccl with CUDA, else gloo) | gloo | nccl", "auto")
     precision: str = doc("parameter dtype: auto (bf16 with CUDA, else fp32) | fp32 | bf16", "auto")
-    transformer_impl: str = doc("layer spec: auto (TransformerEngine with CUDA, else local) | local | transformer_engine", "auto")
+    transformer_impl: str = doc("layer spec: auto (TransformerEngine with CUDA, else local) | local | "
+                                "transformer_engine", "auto")
     collective_timeout_s: int = doc("seconds a collective (start-up included) waits for every rank before the run "
                                     "aborts; ranks wait at the next one while another generates long rollouts, "
                                     "evaluates or saves a checkpoint", 3600)
@@ -219,7 +220,8 @@ class TrainerConfig:
                  f"trainer.max_tokens_per_micro_batch={self.max_tokens_per_micro_batch} must be 0 (off) or at least "
                  f"trainer.seq_length={self.seq_length} (a row of the longest width must fit)")
         _require(not self.packed_sequences or self.max_tokens_per_micro_batch > 0,
-                 "trainer.packed_sequences=true packs token-budget micro-batches: set trainer.max_tokens_per_micro_batch")
+                 "trainer.packed_sequences=true packs token-budget micro-batches: set "
+                 "trainer.max_tokens_per_micro_batch")
         _require(bool(self.run_dir), "trainer.run_dir must not be empty")
         _require(self.save_interval >= -1, f"trainer.save_interval={self.save_interval} must be >= -1 (-1 = never)")
         _require(self.keep_checkpoints >= 1, f"trainer.keep_checkpoints={self.keep_checkpoints} must be >= 1")
@@ -451,7 +453,8 @@ class DataConfig:
                  f"data.eval_benchmark_size={self.eval_benchmark_size} and data.eval_samples={self.eval_samples} "
                  "must be >= 0")
         _require(self.eval_samples <= 1 or self.eval_temperature > 0,
-                 f"data.eval_samples={self.eval_samples} greedy samples would be identical: set data.eval_temperature > 0")
+                 f"data.eval_samples={self.eval_samples} greedy samples would be identical: "
+                 "set data.eval_temperature > 0")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -90,8 +90,9 @@ def verify_hf(cfg: ExperimentConfig, *, tolerance: float) -> bool:
         diff = verify_against_hf(actor, state, cfg.model, hf_path, seed=cfg.trainer.seed)
         ok = diff <= tolerance
         if state.rank == 0:
-            print(f"max |logits - transformers logits| / max(1, max |logit|) = {diff:.3e} at TP{state.tensor_parallel} x "
-                  f"PP{state.pipeline_parallel}: {'OK' if ok else 'FAILED'} (tolerance {tolerance:g})", flush=True)
+            print(f"max |logits - transformers logits| / max(1, max |logit|) = {diff:.3e} "
+                  f"at TP{state.tensor_parallel} x PP{state.pipeline_parallel}: {'OK' if ok else 'FAILED'} "
+                  f"(tolerance {tolerance:g})", flush=True)
         return ok
     finally:
         destroy_parallel()

@@ -13,8 +13,14 @@ import torch.distributed as dist
 
 from remix_megatron.config import ModelConfig
 from remix_megatron.convert.hf import (
-    TOKENIZER_FILES, ConversionError, HFWeights, MegatronFromHF, SafetensorsShardWriter, check_model_matches_hf,
-    hf_config_from_model, hf_tensors,
+    TOKENIZER_FILES,
+    ConversionError,
+    HFWeights,
+    MegatronFromHF,
+    SafetensorsShardWriter,
+    check_model_matches_hf,
+    hf_config_from_model,
+    hf_tensors,
 )
 from remix_megatron.convert.model_card import model_card
 from remix_megatron.models.sharding import iter_full_tensors, load_full_state_dict

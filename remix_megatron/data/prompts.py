@@ -144,7 +144,8 @@ class PromptSource:
         self.dropped = self.truncated = 0
         self.prompts: list[Prompt] = []
         for index, record in enumerate(records):
-            missing = [key for key in (problem_key, answer_key) if record.get(key) is None or not str(record[key]).strip()]
+            missing = [key for key in (problem_key, answer_key)
+                       if record.get(key) is None or not str(record[key]).strip()]
             if missing:
                 raise ValueError(f"{name} row {index} lacks {', '.join(repr(k) for k in missing)} (absent, empty or "
                                  f"whitespace only; fields present: {sorted(record)}): fix the row, or set the field "

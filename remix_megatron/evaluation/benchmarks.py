@@ -70,7 +70,8 @@ def resolve_benchmarks(specs: str | list[str], data_dir: str | Path, *, samples:
                              "path, or name=PATH")
         if not Path(path).exists():
             raise ValueError(f"benchmark {name}: {path} does not exist"
-                             + (" (set the benchmark directory, e.g. --data-dir ../shared/data)" if "=" not in spec else ""))
+                             + (" (set the benchmark directory, e.g. --data-dir ../shared/data)"
+                                if "=" not in spec else ""))
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):  # it names the output directory
             raise ValueError(f"benchmark name {name!r} in {spec!r}: use letters, digits and _ . + - only (it becomes "
                              "a directory name), e.g. mybench=PATH")

@@ -40,12 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "T=0.1 for AIME/AMC, greedy pass@1 otherwise)")
     parser.add_argument("--temperature", type=float, default=None, help="sampling temperature for every benchmark")
     parser.add_argument("--limit", type=int, default=0, help="first N problems of each benchmark (0 = all)")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="response budget (default: rollout.max_new_tokens, 8192)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="response budget (default: rollout.max_new_tokens, 8192)")
     parser.add_argument("--max-prompt-tokens", type=int, default=None, help="default: rollout.max_prompt_tokens, 766")
     parser.add_argument("--template", default=None, help="prompt template with {problem} (default: data.template)")
     parser.add_argument("--overlong", choices=OVERLONG_POLICIES, default="drop",
                         help="prompts over the limit: drop them (counted) or keep their last tokens")
-    parser.add_argument("--engine", default=None, help="generation engine: hf | vllm | sglang (default: rollout.engine)")
+    parser.add_argument("--engine", default=None,
+                        help="generation engine: hf | vllm | sglang (default: rollout.engine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. parallel.tensor_parallel=2")
 

@@ -18,7 +18,8 @@ def evaluate_during_training(k: int, benchmarks: list[Benchmark], engine, sync: 
     """Score the current actor (``sync`` puts its weights into the awake engine) on the evaluation
     sets, split over DP ranks; each benchmark's generations are saved per evaluation."""
     start = time.perf_counter()
-    say("event", f"evaluation at iteration {k} started: {', '.join(b.name for b in benchmarks)}", active=state.rank == 0)
+    say("event", f"evaluation at iteration {k} started: {', '.join(b.name for b in benchmarks)}",
+        active=state.rank == 0)
     engine.wake_up()
     sync()
     metrics = {}

@@ -17,13 +17,17 @@ from typing import Sequence
 from remix_megatron.data import PromptSource, load_records
 from remix_megatron.evaluation.benchmarks import Benchmark
 from remix_megatron.evaluation.metrics import (
-    avg_at_k, format_correct, pass_at_k, prompt_opens_think, self_reflection,
+    avg_at_k,
+    format_correct,
+    pass_at_k,
+    prompt_opens_think,
+    self_reflection,
 )
 from remix_megatron.fileio import atomic_write_text
 from remix_megatron.rollout.engine import SamplingParams
 
-ROW_FIELDS = ("benchmark", "problem_index", "problem_id", "problem", "answer", "sample", "response", "correct", "response_length",
-              "finish_reason", "format_correct", "self_reflection")
+ROW_FIELDS = ("benchmark", "problem_index", "problem_id", "problem", "answer", "sample", "response", "correct",
+              "response_length", "finish_reason", "format_correct", "self_reflection")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,8 +151,9 @@ def evaluate_benchmarks(engine, tokenizer, grader, benchmarks: Sequence[Benchmar
             texts = [tokenizer.decode(g.token_ids, skip_special_tokens=True) for _, _, g in flat]
             grades, _ = grader(texts, [mine[i].answer for i, _, _ in flat])
             for (i, s, g), text, grade in zip(flat, texts, grades):
-                rows.append({"benchmark": benchmark.name, "problem_index": dp_rank + i * dp_size, "problem_id": mine[i].id, "problem": mine[i].problem,
-                             "answer": mine[i].answer, "sample": s, "response": text, "correct": grade > 0,
+                rows.append({"benchmark": benchmark.name, "problem_index": dp_rank + i * dp_size,
+                             "problem_id": mine[i].id, "problem": mine[i].problem, "answer": mine[i].answer,
+                             "sample": s, "response": text, "correct": grade > 0,
                              "response_length": int(len(g.token_ids)), "finish_reason": g.finish_reason,
                              "format_correct": format_correct(text, opened=opened[i]),
                              "self_reflection": self_reflection(text)})
@@ -172,7 +177,8 @@ def write_outputs(result: EvalResult, out_dir: str | Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     columns = {name: [row[name] for row in result.rows] for name in ROW_FIELDS}
     table = pa.table(columns, schema=pa.schema([
-        ("benchmark", pa.string()), ("problem_index", pa.int32()), ("problem_id", pa.string()), ("problem", pa.string()), ("answer", pa.string()),
+        ("benchmark", pa.string()), ("problem_index", pa.int32()), ("problem_id", pa.string()),
+        ("problem", pa.string()), ("answer", pa.string()),
         ("sample", pa.int32()), ("response", pa.string()), ("correct", pa.bool_()), ("response_length", pa.int32()),
         ("finish_reason", pa.string()), ("format_correct", pa.bool_()), ("self_reflection", pa.bool_())]))
     paths = {"generations": out / "generations.parquet", "summary": out / "summary.json", "table": out / "table.md"}

@@ -55,7 +55,8 @@ def _split_for_rank(name: str, full: torch.Tensor, param: torch.Tensor, model: t
     return full.chunk(tp, dim=dim)[rank]
 
 
-def _join_from_ranks(name: str, shards: list[torch.Tensor], param: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+def _join_from_ranks(name: str, shards: list[torch.Tensor], param: torch.Tensor,
+                     model: torch.nn.Module) -> torch.Tensor:
     dim = param.partition_dim
     if _is_glu_fc1(name, model):
         halves = [shard.chunk(2, dim=dim) for shard in shards]

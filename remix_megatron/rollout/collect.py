@@ -56,7 +56,8 @@ def collect(k: int, prompts, cfg: ExperimentConfig, state: ParallelState, engine
     texts = [tokenizer.decode(g.token_ids, skip_special_tokens=True) for _, _, g in flat]
     scores, _ = grader(texts, [prompt.answer for _, prompt, _ in flat])
     if cfg.trainer.control == "shuffled_rewards":  # a control: rewards no longer follow the responses
-        scores = [scores[i] for i in np.random.default_rng([cfg.trainer.seed, k, state.dp_rank]).permutation(len(scores))]
+        order = np.random.default_rng([cfg.trainer.seed, k, state.dp_rank]).permutation(len(scores))
+        scores = [scores[i] for i in order]
     drafts = [Trajectory(iteration=k, prompt_id=prompt.id, group_id=index, prompt_tokens=prompt.token_ids,
                          response_tokens=g.token_ids, reward=score, behaviour_logprobs=np.zeros(len(g.token_ids)),
                          finish_reason=g.finish_reason, extra={"grpo_advantage": 0.0})
@@ -72,7 +73,8 @@ def collect(k: int, prompts, cfg: ExperimentConfig, state: ParallelState, engine
         spans = response_spans(drafts, cfg.trainer.seq_length)
         behaviour = [g.logprobs[: span.stop - span.start] for (_, _, g), span in zip(flat, spans)]
         values = None
-    group_advantage = grpo_advantages(torch.tensor([d.reward for d in drafts]), torch.tensor([d.group_id for d in drafts]),
+    group_advantage = grpo_advantages(torch.tensor([d.reward for d in drafts]),
+                                      torch.tensor([d.group_id for d in drafts]),
                                       torch.ones(len(drafts), 1), norm_std=cfg.algorithm.grpo_norm_std,
                                       eps=cfg.algorithm.grpo_eps)[:, 0].tolist()
     records = []
@@ -83,7 +85,8 @@ def collect(k: int, prompts, cfg: ExperimentConfig, state: ParallelState, engine
             iteration=k, prompt_id=draft.prompt_id, group_id=draft.group_id, prompt_tokens=draft.prompt_tokens,
             response_tokens=draft.response_tokens[:kept], reward=draft.reward, behaviour_logprobs=lp,
             finish_reason=draft.finish_reason if kept == draft.response_length else "length", values=value,
-            extra={"grpo_advantage": float(advantage)}, engine_logprobs=None if g.logprobs is None else g.logprobs[:kept]))
+            extra={"grpo_advantage": float(advantage)},
+            engine_logprobs=None if g.logprobs is None else g.logprobs[:kept]))
     gap = None
     if check_gap and recompute:  # else the training forward measures it (trainer)
         engine_lp = [g.logprobs[: r.response_length] for (_, _, g), r in zip(flat, records) if g.logprobs is not None]

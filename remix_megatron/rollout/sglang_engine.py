@@ -248,7 +248,8 @@ class SGLangEngine:
                 bucket, bucket_bytes = [], 0
         if self._engine is not None and error is None:
             # (an empty last bucket still flushes: cached KV was computed with the old weights)
-            error = self._attempt(lambda: self._send(bucket, flush_cache=True) if bucket else self._engine.flush_cache())
+            error = self._attempt(lambda: self._send(bucket, flush_cache=True) if bucket
+                                  else self._engine.flush_cache())
         self._finish(error, "weight update")
 
     def sleep(self) -> None:

@@ -28,7 +28,8 @@ from remix_megatron.rollout.engine import GenerationEngine
 logger = logging.getLogger(__name__)
 
 
-def _buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def _buckets(tensors: Iterable[tuple[str, torch.Tensor]],
+             bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
     for name, tensor in tensors:

@@ -496,7 +496,8 @@ class TrajectoryStore:
                 for index, shard in enumerate(self.info(iteration).shards) if rank is None or shard.rank == rank]
         queued, queued_bytes = 0, 0  # shards whose read is queued; their bytes not yet consumed
         for position, (iteration, index, shard) in enumerate(plan):
-            while queued < len(plan) and (queued <= position + 1 or queued_bytes + plan[queued][2].bytes <= read_ahead_bytes):
+            while queued < len(plan) and (queued <= position + 1
+                                          or queued_bytes + plan[queued][2].bytes <= read_ahead_bytes):
                 self.prefetch(plan[queued][2])
                 queued_bytes += plan[queued][2].bytes
                 queued += 1

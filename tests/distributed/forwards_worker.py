@@ -72,9 +72,7 @@ def main(tiny: str, out: str, *overrides: str) -> None:
     perturb(models.critic.chunks, seed=3)
     fresh = with_forwards(records_for(prompts[10:20], 2, seed=4), models, cfg, state)
     age2 = with_forwards(records_for(prompts[20:30], 0, seed=5), models, cfg, state, fake=6)
-    order = np.random.default_rng(7).permutation(30)
     pool, ages = age1 + fresh + age2, np.array([1] * 10 + [0] * 10 + [2] * 10)
-    ages = np.array([1] * 10 + [0] * 10 + [2] * 10)
     batch = batching.TrainingBatch.pack(2, pool, ages, seed=cfg.trainer.seed, micro_batch_size=4, global_batch_size=4,
                                         seq_length=cfg.trainer.seq_length, state=state)
     mask, ages = batch.rows.mask, batch.ages
@@ -97,8 +95,8 @@ def main(tiny: str, out: str, *overrides: str) -> None:
     rows_full = sum(forwarded_rows)
     reused, full = [reused.pik, reused.ref, reused.prev, reused.values], [full.pik, full.ref, full.prev, full.values]
     result = {"rows_reused": rows_reused, "rows_full": rows_full,
-              "max_gap": {name: float(((a - b) * mask).abs().max()) for name, a, b in zip(("pik", "ref", "prev", "values"),
-                                                                                           reused, full)},
+              "max_gap": {name: float(((a - b) * mask).abs().max())
+                          for name, a, b in zip(("pik", "ref", "prev", "values"), reused, full)},
               "outside_mask": max(float((t * (1 - mask)).abs().max()) for t in reused),
               "age2_differs": float(((reused[0] - batch.rows.behaviour).abs() * mask)[ages == 2].max())}
     # The critic's clip centre in the training batch is the current critic's value on every row

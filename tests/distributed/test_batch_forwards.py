@@ -21,7 +21,8 @@ def test_reused_results_equal_computed_ones(tmp_path, nproc, pp):
 
     out = tmp_path / "result"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "tests.distributed.forwards_worker", str(build_tiny_model()), str(out), f"parallel.pipeline_parallel={pp}"]
+           "-m", "tests.distributed.forwards_worker", str(build_tiny_model()), str(out),
+           f"parallel.pipeline_parallel={pp}"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-4000:]

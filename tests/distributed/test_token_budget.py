@@ -54,7 +54,8 @@ def test_budgeted_micro_batches_match_the_fixed_split(tmp_path, nproc, layout):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("nproc,layout", [(1, []), (2, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]),
+@pytest.mark.parametrize("nproc,layout", [(1, []),
+                                          (2, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]),
                                           (2, ["parallel.pipeline_parallel=2"])], ids=["tp1", "tp2sp", "pp2"])
 def test_packed_sequences_match_the_padded_path_on_gpu(tmp_path, nproc, layout):
     """THD micro-batches through TransformerEngine against the fixed padded split, in bf16: the

@@ -97,7 +97,8 @@ def main(tiny: str, out: str, budget: str, *overrides: str) -> None:
     actor_batches, critic_batches = batching.training_micro_batches(batch, fixed, estimate, 4)
     plan = dict(utd=2, steps=batch.steps, seed=(cfg.trainer.seed, 2), state=state)
     for name, model, micro, builder in (
-            ("actor", models.actor, actor_batches, actor_loss_builder(cfg.algorithm, state, kl_lambda=kl_lambda(2, cfg.algorithm))),
+            ("actor", models.actor, actor_batches,
+             actor_loss_builder(cfg.algorithm, state, kl_lambda=kl_lambda(2, cfg.algorithm))),
             ("critic", models.critic, critic_batches, critic_loss_builder(cfg.algorithm))):
         passes_fixed = utd_passes(micro, **plan)
         passes_budget = utd_passes(micro, **plan, max_tokens=budget, multiple=batch.rows.multiple, packed=packed)

@@ -60,7 +60,8 @@ def test_checkpoint_equals_its_hf_export_and_sampling_is_seeded(trained, tmp_pat
     assert summary_c["average"] == pytest.approx((summary_c["benchmarks"]["heldout"]["score"]
                                                   + summary_c["benchmarks"]["math500"]["score"]) / 2)
 
-    sampled = ["--benchmarks", f"heldout={tiny}/heldout.jsonl", "--limit", "8", "--samples", "4", "--temperature", "1.0"]
+    sampled = ["--benchmarks", f"heldout={tiny}/heldout.jsonl", "--limit", "8", "--samples", "4",
+               "--temperature", "1.0"]
     rows_cs, summary_cs = evaluate(ckpt, tmp_path / "ckpt_s", *sampled)
     rows_hs, _ = evaluate(hf, tmp_path / "hf_s", *sampled)
     rows_other, _ = evaluate(hf, tmp_path / "hf_s1", *sampled, "--seed", "1")

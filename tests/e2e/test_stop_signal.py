@@ -88,8 +88,8 @@ def test_slurm_style_signal_to_every_process_of_the_step(tiny_dir, tmp_path):
             f"data.train_path={tiny_dir}/train.jsonl", "rollout.prompts_per_step=16", *NO_EVAL,
             "trainer.save_interval=0", "trainer.num_steps=200", "trainer.resume=true", f"trainer.run_dir={run}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHON": sys.executable, "NNODES": "1",
-           "NPROC_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RDZV_ID": f"stop-{os.getpid()}",
-           "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120"}
+           "NPROC_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "RDZV_ID": f"stop-{os.getpid()}", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120"}
     launcher = subprocess.Popen(["bash", "launch/multinode.sh", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)  # multinode.sh execs torchrun: same pid
     try:

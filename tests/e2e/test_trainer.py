@@ -24,8 +24,9 @@ def tiny_dir():
 
 def overrides(tiny: Path, run: Path, steps: int) -> list[str]:
     return [f"model.hf_path={tiny}", f"data.train_path={tiny}/train.jsonl", f"data.eval_path={tiny}/heldout.jsonl",
-            "rollout.prompts_per_step=32", "data.eval_size=32", "data.eval_interval=2", "algorithm.reincarnation_step=2",
-            "trainer.save_interval=2", "trainer.resume=true", f"trainer.num_steps={steps}", f"trainer.run_dir={run}",
+            "rollout.prompts_per_step=32", "data.eval_size=32", "data.eval_interval=2",
+            "algorithm.reincarnation_step=2", "trainer.save_interval=2", "trainer.resume=true",
+            f"trainer.num_steps={steps}", f"trainer.run_dir={run}",
             "algorithm.fresh_multiple_of=8", "trainer.global_batch_size=32"]  # one step per pass, as when written
 
 
@@ -97,7 +98,8 @@ def test_tp2_pp2_config_matches_one_process(tiny_dir, tmp_path):
     for key in ("actor/pg_loss", "actor/ratio_mean", "actor/kl_ref", "critic/value_loss", "actor/entropy"):
         assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
     later = [by_iteration(parallel)[k] for k in (2, 3)]
-    assert [(r["replayed_groups"], r["reincarnated"], r["rollouts_total"]) for r in later] == [(16, False, 32), (0, True, 64)]
+    assert ([(r["replayed_groups"], r["reincarnated"], r["rollouts_total"]) for r in later]
+            == [(16, False, 32), (0, True, 64)])
     assert later[1]["actor/kl_ref"] == 0.0
 
 
@@ -136,8 +138,8 @@ def test_controls_no_update_and_shuffled_rewards(tiny_dir, tmp_path):
     """The benchmark's controls: no_update leaves the policy (and its accuracy) exactly as it was;
     shuffled_rewards stores a permutation of the true rewards, detached from the responses."""
     from safetensors.torch import load_file
-    from remix_megatron.data import load_tokenizer
 
+    from remix_megatron.data import load_tokenizer
     from remix_megatron.rewards import MathGrader
     from remix_megatron.store import open_store
 

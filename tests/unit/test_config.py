@@ -59,7 +59,8 @@ def test_config_is_frozen():
 
 
 @pytest.mark.parametrize(("text", "expected"), [
-    ("model: {preset: qwen2-tiny, hiden_size: 3}\n", "unknown key 'model.hiden_size'.*did you mean 'model.hidden_size'"),
+    ("model: {preset: qwen2-tiny, hiden_size: 3}\n",
+     "unknown key 'model.hiden_size'.*did you mean 'model.hidden_size'"),
     ("model: {preset: qwen2-tiny}\nparalel: {}\n", "unknown key 'paralel'.*did you mean 'parallel'"),
     ("model: {preset: qwen2-tiny}\ntrainer: {micro_batch: 2}\n", "did you mean 'trainer.micro_batch_size'"),
     ("model: {preset: qwen2-tiny}\nparallel: 4\n", "'parallel' .* must be a mapping"),

@@ -9,7 +9,15 @@ import torch
 
 from remix_megatron.config import ConfigError, load_config
 from remix_megatron.convert.hf import (
-    ConversionError, HFWeights, MegatronFromHF, Row, check_model_matches_hf, fuse, hf_tensors, name_map, split,
+    ConversionError,
+    HFWeights,
+    MegatronFromHF,
+    Row,
+    check_model_matches_hf,
+    fuse,
+    hf_tensors,
+    name_map,
+    split,
 )
 from tests.hf_models import make_hf_model
 
@@ -64,7 +72,8 @@ def test_name_map_covers_exactly_the_hf_tensors(hf_dir):
 def test_hf_path_fills_the_model_config(hf_dir):
     family = json.loads((hf_dir / "config.json").read_text())["model_type"]
     cfg = load_config(None, ["model.preset=qwen2-tiny", f"model.hf_path={hf_dir}"]).model
-    assert (cfg.family, cfg.hidden_size, cfg.num_layers, cfg.vocab_size, cfg.num_query_groups) == (family, 64, 4, 512, 2)
+    assert ((cfg.family, cfg.hidden_size, cfg.num_layers, cfg.vocab_size, cfg.num_query_groups)
+            == (family, 64, 4, 512, 2))
     assert cfg.add_qkv_bias == (family == "qwen2")
 
 

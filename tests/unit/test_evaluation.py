@@ -12,7 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from remix_megatron.evaluation import (
-    Protocol, avg_at_k, format_correct, pass_at_k, prompt_opens_think, resolve_benchmarks, self_reflection,
+    Protocol,
+    avg_at_k,
+    format_correct,
+    pass_at_k,
+    prompt_opens_think,
+    resolve_benchmarks,
+    self_reflection,
 )
 from remix_megatron.evaluation.runner import EvalSettings, evaluate_benchmarks, write_outputs
 from remix_megatron.rewards import MathGrader
@@ -127,7 +133,8 @@ def test_scores_of_scripted_generations(tmp_path):
     script = {"p0": [ok % 0], "p1": [ok % 1], "p2": [wrong], "p3": ["<think>cut off"],  # 2 of 4 right
               "q0": [ok % 7, wrong, ok % 7, ok % 7], "q1": [wrong, wrong, wrong, ok % 7]}  # 3/4 and 1/4
     benchmarks = resolve_benchmarks([f"greedy={greedy}", f"sampled={sampled}"], tmp_path)
-    benchmarks[1] = type(benchmarks[1])(name="sampled", path=str(sampled), protocol=Protocol(samples=4, temperature=1.0))
+    benchmarks[1] = type(benchmarks[1])(name="sampled", path=str(sampled),
+                                        protocol=Protocol(samples=4, temperature=1.0))
     engine = ScriptedEngine(script)
     result = evaluate_benchmarks(engine, CharTokenizer(), MathGrader(timeout_s=2.0), benchmarks,
                                  EvalSettings(template="{problem}", max_new_tokens=64, seed=3))

@@ -61,7 +61,8 @@ def test_imports_flow_one_way(path):
 def test_import_is_cheap():
     """Importing the package, its config and CLI must not import megatron or GPU stacks."""
     code = ("import sys, remix_megatron, remix_megatron.config, remix_megatron.cli, remix_megatron.registry;"
-            "print(sorted(m for m in ('megatron', 'transformer_engine', 'vllm', 'sglang', 'wandb') if m in sys.modules))")
+            "print(sorted(m for m in ('megatron', 'transformer_engine', 'vllm', 'sglang', 'wandb') "
+            "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -16,9 +16,10 @@ pytestmark = pytest.mark.unit
 def micro_batch(index: int) -> MicroBatch:
     shape = (2, 5)
     tokens = torch.full(shape, index)
-    actor = ActorLossInputs(loss_mask=torch.ones(shape), advantages=torch.ones(shape), behaviour_logprobs=-torch.ones(shape),
-                            pik_logprobs=-torch.ones(shape), ref_logprobs=-torch.ones(shape),
-                            prev_logprobs=-torch.ones(shape), sample_age=torch.zeros(2, dtype=torch.long))
+    actor = ActorLossInputs(loss_mask=torch.ones(shape), advantages=torch.ones(shape),
+                            behaviour_logprobs=-torch.ones(shape), pik_logprobs=-torch.ones(shape),
+                            ref_logprobs=-torch.ones(shape), prev_logprobs=-torch.ones(shape),
+                            sample_age=torch.zeros(2, dtype=torch.long))
     critic = CriticTargets(loss_mask=torch.ones(shape), old_values=torch.zeros(shape), returns=torch.ones(shape))
     return MicroBatch(tokens=tokens, labels=tokens, actor=actor, critic=critic)
 
@@ -56,8 +57,8 @@ def test_grpo_groups_ignore_the_padding_copies():
     import numpy as np
 
     from remix_megatron.algorithms.advantages import grpo_advantages
-    from remix_megatron.store import Trajectory
     from remix_megatron.batching import TrainingBatch, pad_rows
+    from remix_megatron.store import Trajectory
 
     def row(group: int, reward: float, length: int = 3) -> Trajectory:
         return Trajectory(iteration=4, prompt_id=f"p{group}", group_id=group, prompt_tokens=np.arange(2),

@@ -9,8 +9,14 @@ from remix_megatron.algorithms import rollout_cost
 from remix_megatron.cli import main
 from remix_megatron.config import ConfigError, load_config
 from remix_megatron.planning import (
-    Layout, chunks_in_flight, kv_bytes_per_token, layer_activation_bytes, plan_layout, plan_memory,
-    stage_parameters, total_parameters,
+    Layout,
+    chunks_in_flight,
+    kv_bytes_per_token,
+    layer_activation_bytes,
+    plan_layout,
+    plan_memory,
+    stage_parameters,
+    total_parameters,
 )
 from tests.conftest import REPO
 

@@ -9,7 +9,13 @@ import pytest
 
 from remix_megatron.cli import main
 from remix_megatron.metrics_log import (
-    PLOTS, describe, phases, plot_title, reincarnation_point, run_names, write_plots,
+    PLOTS,
+    describe,
+    phases,
+    plot_title,
+    reincarnation_point,
+    run_names,
+    write_plots,
 )
 
 pytestmark = pytest.mark.unit

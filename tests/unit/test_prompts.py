@@ -37,8 +37,8 @@ def test_paper_template_renders_like_the_paper():
 
 
 def test_template_goes_through_a_real_chat_template(tmp_path):
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     vocab = {c: i for i, c in enumerate(sorted(set("<|user|>assistant:end " + PAPER_TEMPLATE + "12+?W hat is")), 3)}
     inner = Tokenizer(models.WordLevel({**vocab, "[UNK]": 0}, unk_token="[UNK]"))
@@ -76,7 +76,8 @@ def test_formats_and_shared_data(tmp_path):
 
 def test_missing_fields_are_named():
     with pytest.raises(ValueError, match="row 1 lacks 'answer'.*fields present: \\['id', 'problem'\\]"):
-        PromptSource([{"problem": "a", "answer": "1"}, {"id": "x", "problem": "b"}], CharTokenizer(), template="{problem}")
+        PromptSource([{"problem": "a", "answer": "1"}, {"id": "x", "problem": "b"}], CharTokenizer(),
+                     template="{problem}")
     source = PromptSource([{"question": "a", "solution": "1"}], CharTokenizer(), template="{problem}",
                           problem_key="question", answer_key="solution")
     assert source.prompts[0].answer == "1" and source.prompts[0].id == "prompts-0"

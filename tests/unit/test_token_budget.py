@@ -157,7 +157,8 @@ def test_a_packed_micro_batch_gives_the_padded_loss():
     gen = torch.Generator().manual_seed(0)
     batch = micro(4, 16, lengths)
     batch = MicroBatch(tokens=batch.tokens % 50, labels=batch.labels % 50, actor=batch.actor,
-                       critic=CriticTargets(loss_mask=batch.actor.loss_mask, old_values=torch.rand(4, 16, generator=gen),
+                       critic=CriticTargets(loss_mask=batch.actor.loss_mask,
+                                            old_values=torch.rand(4, 16, generator=gen),
                                             returns=torch.rand(4, 16, generator=gen)))
     packed = batch.packed(lengths, 8)
     logits = torch.randn(4, 16, 50, generator=gen)
@@ -166,7 +167,8 @@ def test_a_packed_micro_batch_gives_the_padded_loss():
                                      + [t.new_zeros(packed.tokens.size(1) - sum(lengths), *t.shape[2:])]).unsqueeze(0)
     cfg = AlgorithmConfig()
     state = SimpleNamespace(tp_group=None)
-    for builder, output in ((actor_loss_builder(cfg, state, kl_lambda=0.5), logits), (critic_loss_builder(cfg), values)):
+    for builder, output in ((actor_loss_builder(cfg, state, kl_lambda=0.5), logits),
+                            (critic_loss_builder(cfg), values)):
         padded_loss, padded_count, _ = builder(batch)(output)
         packed_loss, packed_count, _ = builder(packed)(end_to_end(output))
         assert torch.allclose(packed_loss, padded_loss, rtol=1e-6) and int(packed_count) == int(padded_count)

@@ -128,7 +128,8 @@ def test_duplicate_yaml_key_is_refused(tmp_path, capsys):
                                       "last silently); keep one")
 
 
-@pytest.mark.parametrize("text", ["trainer: {run_dir: '${oc.env:HOME}/runs'}\n", "data: {template: '${x} {problem}'}\n"])
+@pytest.mark.parametrize("text", ["trainer: {run_dir: '${oc.env:HOME}/runs'}\n",
+                                  "data: {template: '${x} {problem}'}\n"])
 def test_interpolation_is_refused_in_yaml(tmp_path, capsys, text):
     path = tmp_path / "interp.yaml"
     path.write_text("model: {preset: qwen2-tiny}\n" + text)

@@ -56,8 +56,8 @@ def error_of(call) -> str:
 def main(hf_dir: str, out: str, *overrides: str) -> None:
     cfg = load_config("configs/tiny_cpu.yaml", [
         f"model.hf_path={hf_dir}", "parallel.tensor_parallel=1", "parallel.pipeline_parallel=1",
-        "actor_optimizer.lr=1e-2", "rollout.engine=vllm", "rollout.engine_dtype=float32", "rollout.cpu_kv_cache_gb=0.25",
-        "rollout.max_prompt_tokens=8", "rollout.max_new_tokens=12", *overrides])
+        "actor_optimizer.lr=1e-2", "rollout.engine=vllm", "rollout.engine_dtype=float32",
+        "rollout.cpu_kv_cache_gb=0.25", "rollout.max_prompt_tokens=8", "rollout.max_new_tokens=12", *overrides])
     state = init_parallel(cfg)
     actor = make_trainable(build_actor(cfg.model, state), cfg.actor_optimizer, cfg.parallel, state)
     load_hf_into(hf_dir, cfg.model, state, actor=actor.unwrapped())

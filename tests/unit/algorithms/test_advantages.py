@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from remix_megatron.algorithms.advantages import (
-    ADVANTAGE_ESTIMATORS, AdvantageInputs, gae, grpo_advantages, vtrace_gae, whiten,
+    ADVANTAGE_ESTIMATORS,
+    AdvantageInputs,
+    gae,
+    grpo_advantages,
+    vtrace_gae,
+    whiten,
 )
 from remix_megatron.config import AlgorithmConfig
 

@@ -74,6 +74,7 @@ def test_metric_merge_and_finalize():
          "lo": Min.of(torch.tensor([3.0, -5.0]), torch.tensor([1.0, 0.0])),
          "empty": Mean.of(torch.tensor([1.0]), torch.tensor([0.0]))}
     b = {"m": Mean.of(torch.tensor([6.0]), torch.tensor([1.0])), "hi": Max.of(torch.tensor([2.0]), torch.tensor([1.0])),
-         "lo": Min.of(torch.tensor([4.0]), torch.tensor([1.0])), "empty": Mean.of(torch.tensor([1.0]), torch.tensor([0.0]))}
+         "lo": Min.of(torch.tensor([4.0]), torch.tensor([1.0])),
+         "empty": Mean.of(torch.tensor([1.0]), torch.tensor([0.0]))}
     out = finalize(merge([a, b]))
     assert out == {"m": pytest.approx(3.0), "hi": 2.0, "lo": 3.0}

@@ -304,7 +304,8 @@ def test_iter_shards_reads_ahead_in_order(tmp_path, monkeypatch):
         store.publish(iteration, 2)
     events = []
     prefetch, read_shard = store.prefetch, store.read_shard
-    monkeypatch.setattr(store, "prefetch", lambda shard, *a: events.append(("prefetch", shard.file)) or prefetch(shard, *a))
+    monkeypatch.setattr(store, "prefetch",
+                        lambda shard, *a: events.append(("prefetch", shard.file)) or prefetch(shard, *a))
     monkeypatch.setattr(store, "read_shard", lambda k, i: events.append(("read", store.info(k).shards[i].file))
                         or read_shard(k, i))
     got = list(store.iter_shards(rank=1, read_ahead_bytes=0))
