@@ -89,3 +89,12 @@ def test_every_module_imports(module):
     import importlib
 
     importlib.import_module(module)
+
+
+def test_test_file_names_are_unique():
+    """pytest imports test modules by basename (tests/unit and tests/distributed are not packages):
+    two files of one name stop the whole suite's collection."""
+    from collections import Counter
+
+    names = Counter(p.name for p in (REPO / "tests").rglob("test_*.py"))
+    assert not [name for name, count in names.items() if count > 1]
