@@ -19,12 +19,14 @@ rollout counts, every ``--eval-every`` rollouts (``data.eval_every_rollouts``), 
 Reports per run, lr and seed: the mean accuracy over the budget (area under accuracy vs rollouts
 divided by its span), the rollouts to each of ``--targets`` and the final accuracy; per pair, each
 at its own best lr (highest mean accuracy averaged over seeds): the per-seed differences with their
-mean and standard deviation, and the ratio of mean rollouts to each target. Writes the tables to
+mean and standard deviation, and the ratio of mean rollouts to each target; the same differences
+with each seed's lr chosen on the other seeds only (the best lr is otherwise chosen on the seeds it
+is reported on); each run's wall and CPU seconds (benchmark_time.json in its directory). Writes the tables to
 ``--out``/sample_efficiency.md, the numbers to sample_efficiency.json and an overlay plot (every
 seed of every run at its best lr, reincarnation marked) to sample_efficiency.png. Finished runs
 (a metrics.jsonl that reached the last step) are reused.
 
-    .venv/bin/python benchmarks/sample_efficiency.py [--seeds 0,1,2] [--lrs 5e-5,1e-4,2e-4] [--jobs 2]
+    .venv/bin/python benchmarks/sample_efficiency.py [--seeds 0,1,2] [--lrs 2.5e-5,5e-5,1e-4,2e-4] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -115,13 +117,30 @@ def run_one(name: str, lr: float | None, seed: int, budget: int, every: int, tin
            "data.eval_interval=0", f"data.eval_every_rollouts={every}", "data.eval_size=0", "trainer.save_interval=-1",
            "trainer.log_unused_kl=true",  # every run logs KL to the precedent (drift), whatever its loss uses
            f"trainer.run_dir={run_dir}", *extra, *([f"actor_optimizer.lr={lr}"] if lr else [])]
+    log = out / f"{run_dir.name}.log"
     start = time.perf_counter()
-    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=True,
-                            text=True)
-    if result.returncode:
-        raise SystemExit(f"{run_dir.name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    print(f"{run_dir.name}: {steps} steps in {time.perf_counter() - start:.0f} s", flush=True)
+    with log.open("w") as stream:
+        process = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                                   stdout=stream, stderr=subprocess.STDOUT)
+        # wait4, not wait: the CPU time of torchrun and its worker, which is the run's cost on a quiet core
+        # (at one thread) whatever else shares the machine
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise SystemExit(f"{run_dir.name} failed:\n{log.read_text()[-6000:]}")
+    wall, cpu = time.perf_counter() - start, usage.ru_utime + usage.ru_stime
+    (run_dir / "benchmark_time.json").write_text(json.dumps({"wall_s": wall, "cpu_s": cpu, "threads": threads}))
+    print(f"{run_dir.name}: {steps} steps in {wall:.0f} s ({cpu:.0f} s CPU)", flush=True)
     return steps, metrics
+
+
+def run_times(paths: list[Path]) -> dict | None:
+    """Wall and CPU seconds of the runs whose directories hold a benchmark_time.json (None: none do)."""
+    times = [json.loads(f.read_text()) for f in (p.parent / "benchmark_time.json" for p in paths) if f.is_file()]
+    if not times:
+        return None
+    return {"runs_timed": len(times), "runs": len(paths), "wall_s": sum(t["wall_s"] for t in times),
+            "cpu_s": sum(t["cpu_s"] for t in times)}
 
 
 def accuracy_curve(metrics: Path, expected: list[int]) -> list[tuple[int, float]]:
@@ -165,9 +184,18 @@ def spread(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def best_lr(by_lr: dict) -> str:
-    """The lr whose seeds' mean accuracy over the budget is highest."""
-    return max(by_lr, key=lambda lr: statistics.fmean(s["mean"] for s in by_lr[lr].values()))
+def best_lr(by_lr: dict, seeds: list[str] | None = None) -> str:
+    """The lr whose mean accuracy over the budget, averaged over ``seeds`` (default: all), is highest."""
+    return max(by_lr, key=lambda lr: statistics.fmean(row["mean"] for seed, row in by_lr[lr].items()
+                                                      if seeds is None or seed in seeds))
+
+
+def held_out_rows(by_lr: dict) -> tuple[dict, dict]:
+    """Each seed's row at the lr chosen on the other seeds (selection and report never share a seed);
+    returns (rows by seed, chosen lr by seed)."""
+    seeds = sorted(set.intersection(*(set(rows) for rows in by_lr.values())), key=int)
+    lrs = {seed: best_lr(by_lr, [s for s in seeds if s != seed]) for seed in seeds}
+    return {seed: by_lr[lr][seed] for seed, lr in lrs.items()}, lrs
 
 
 def compare(baseline: dict, other: dict, targets: list[float], budget: int) -> dict:
@@ -224,6 +252,16 @@ def markdown(summary: dict, targets: list[float], budget: int) -> str:
             ratios.append("not reached" if r is None else f"{'~' if r['bound'] else ''}{r['ratio']:.2f}x")
         lines.append(f"| {key} | {m['mean']:+.3f} ± {m['std']:.3f} ({', '.join(f'{d:+.3f}' for d in m['per_seed'])}) "
                      f"| {f['mean']:+.3f} ± {f['std']:.3f} | " + " | ".join(ratios) + " |")
+    if "held_out" in summary:
+        lrs = summary["held_out"]["lrs"]
+        lines += ["", "The same pairs with each seed's lr chosen on the other seeds only (selection and report never "
+                  "share a seed; an unswept run keeps its one lr):", "",
+                  "| pair | mean-accuracy difference, mean ± std (per seed) | lr per seed (A; B) |", "|---|---|---|"]
+        for key, pair in summary["held_out"]["pairs"].items():
+            m, (other, baseline) = pair["mean_diff"], key.split(" - ")
+            chosen = "; ".join(", ".join(lrs[name][s] for s in pair["seeds"]) for name in (other, baseline))
+            lines.append(f"| {key} | {m['mean']:+.3f} ± {m['std']:.3f} "
+                         f"({', '.join(f'{d:+.3f}' for d in m['per_seed'])}) | {chosen} |")
     lines += ["", "Drift over the first half of the budget (ReMix's Mix phase; means over iterations and seeds, "
               "best lr):", "",
               "| run | " + " | ".join(k.split("/", 1)[1] for k in DRIFT_KEYS) + " |",
@@ -231,6 +269,10 @@ def markdown(summary: dict, targets: list[float], budget: int) -> str:
     for name, entry in summary["runs"].items():
         drift = entry.get("drift", {})
         lines.append(f"| {name} | " + " | ".join(f"{drift[k]:.4f}" if k in drift else "-" for k in DRIFT_KEYS) + " |")
+    if summary.get("time"):
+        t = summary["time"]
+        lines += ["", f"Run time: {t['runs_timed']} of the {t['runs']} runs were timed (the rest were reused), "
+                  f"{t['wall_s'] / 60:.1f} min wall and {t['cpu_s'] / 60:.1f} min CPU in all."]
     return "\n".join(lines) + "\n"
 
 
@@ -248,13 +290,20 @@ def summarize(results: dict, targets: list[float], budget: int) -> dict:
     pairs = {f"{other} - {baseline}": compare(runs[baseline]["by_lr"][runs[baseline]["best_lr"]],
                                               runs[other]["by_lr"][runs[other]["best_lr"]], targets, budget)
              for baseline, other in PAIRS if baseline in runs and other in runs}
-    return {"budget": budget, "targets": targets, "runs": runs, "pairs": pairs}
+    summary = {"budget": budget, "targets": targets, "runs": runs, "pairs": pairs}
+    if all(len(rows) > 1 for entry in runs.values() for rows in entry["by_lr"].values()):
+        held_out = {name: held_out_rows(entry["by_lr"]) for name, entry in runs.items()}
+        summary["held_out"] = {
+            "lrs": {name: lrs for name, (_, lrs) in held_out.items()},
+            "pairs": {f"{other} - {baseline}": compare(held_out[baseline][0], held_out[other][0], targets, budget)
+                      for baseline, other in PAIRS if baseline in runs and other in runs}}
+    return summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    parser.add_argument("--lrs", default="5e-5,1e-4,2e-4", help="actor lr grid, the same for every swept run")
+    parser.add_argument("--lrs", default="2.5e-5,5e-5,1e-4,2e-4", help="actor lr grid, the same for every swept run")
     parser.add_argument("--budget", type=int, default=1920, help="rollouts per run")
     parser.add_argument("--eval-every", type=int, default=240, help="rollouts between held-out evaluations")
     parser.add_argument("--targets", default="0.35,0.45", help="held-out accuracies to reach, comma-separated")
@@ -284,6 +333,7 @@ def main() -> None:
         results.setdefault(name, {}).setdefault(f"{lr or load(name).actor_optimizer.lr:g}", {})[str(seed)] = (
             accuracy_curve(path, expected), path)
     summary = summarize(results, targets, args.budget)
+    summary["time"] = run_times([path for _, path in done])
     table = markdown(summary, targets, args.budget)
     print("\n" + table)
     (out / "sample_efficiency.md").write_text(table)

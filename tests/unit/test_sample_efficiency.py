@@ -85,3 +85,27 @@ def test_table_arithmetic_by_hand(tmp_path):
     table = se.markdown(summary, [0.3, 0.45], 720)
     assert "| remix_ppo - ppo | +0.117 ± 0.000 (+0.117, +0.117) | +0.100 ± 0.000 | 2.00x | ~1.50x |" in table
     assert "| ppo | 1e-4 | 0.200 | 0.283 (0.350, 0.217) | 0.400 (0.500, 0.300) | 240, 720 | 720, never |" in table
+    # one seed's lr chosen on the other seed: remix_ppo's 1e-4 beats 2e-4 on either, so the same pair
+    assert summary["held_out"]["lrs"]["remix_ppo"] == {"0": "1e-4", "1": "1e-4"}
+    assert "| remix_ppo - ppo | +0.117 ± 0.000 (+0.117, +0.117) | 1e-4, 1e-4; 1e-4, 1e-4 |" in table
+
+
+def test_held_out_selection_chooses_each_seeds_lr_on_the_other_seeds():
+    by_lr = {"1e-4": {"0": {"mean": 0.5}, "1": {"mean": 0.1}, "2": {"mean": 0.4}},
+             "5e-5": {"0": {"mean": 0.3}, "1": {"mean": 0.35}, "2": {"mean": 0.3}}}
+    assert se.best_lr(by_lr) == "1e-4"  # 0.333 over all seeds vs 0.317
+    rows, lrs = se.held_out_rows(by_lr)
+    # seed 0 from seeds 1, 2: 0.25 vs 0.325; seed 1 from 0, 2: 0.45 vs 0.3; seed 2 from 0, 1: 0.3 vs 0.325
+    assert lrs == {"0": "5e-5", "1": "1e-4", "2": "5e-5"}
+    assert rows == {"0": {"mean": 0.3}, "1": {"mean": 0.1}, "2": {"mean": 0.3}}
+
+
+def test_run_times_sum_the_timed_runs(tmp_path):
+    paths = []
+    for name, timing in (("a", {"wall_s": 100.0, "cpu_s": 90.0}), ("b", {"wall_s": 50.0, "cpu_s": 45.0}), ("c", None)):
+        (tmp_path / name).mkdir()
+        if timing:
+            (tmp_path / name / "benchmark_time.json").write_text(json.dumps(timing))
+        paths.append(tmp_path / name / "metrics.jsonl")
+    assert se.run_times(paths) == {"runs_timed": 2, "runs": 3, "wall_s": 150.0, "cpu_s": 135.0}
+    assert se.run_times(paths[2:]) is None
