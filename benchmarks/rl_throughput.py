@@ -14,7 +14,12 @@ It also prints a floor for the update phase alone: 6 x parameters x trained toke
 the tiny model's widest layer, measured here), per 1k rollouts generated. No software change
 gets the update below that floor in fp32 on these cores.
 
-    .venv/bin/python benchmarks/rl_throughput.py [--config C --prompts 256 --iterations 4 --micro-batch 32]
+``--precision bf16`` runs the model passes under CPU bf16 autocast (``parallel.precision=bf16``);
+``--precision compare`` runs fp32 and bf16 alternately (``--rounds`` times each) and prints the
+bf16 / fp32 ratio of the update and log-prob phases.
+
+    .venv/bin/python benchmarks/rl_throughput.py [--config C --prompts 256 --iterations 4 --micro-batch 8
+                                                  --precision fp32|bf16|compare --rounds 2]
 """
 
 from __future__ import annotations
@@ -41,25 +46,56 @@ def main() -> None:
     parser.add_argument("--config", default="configs/tiny_remix_ppo.yaml")
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--iterations", type=int, default=4)
-    parser.add_argument("--micro-batch", type=int, default=32)
+    parser.add_argument("--micro-batch", type=int, default=None, help="trainer.micro_batch_size (default: config's)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "compare"), default="fp32")
+    parser.add_argument("--rounds", type=int, default=2, help="--precision compare: runs of each precision")
     args = parser.parse_args()
+    if args.precision != "compare":
+        cfg, history = run_iterations(args, args.precision)
+        report(args, cfg, history)
+        return
+    phases = ("update", "logprobs")
+    seconds = {(precision, phase): [] for precision in ("fp32", "bf16") for phase in phases}
+    for _ in range(args.rounds):
+        for precision in ("fp32", "bf16"):  # alternating, so drifting machine load hits both alike
+            _, history = run_iterations(args, precision)
+            rollouts = sum(r["rollouts"] for r in history)
+            for phase in phases:
+                seconds[precision, phase].append(1000 * sum(r[f"time/{phase}_s"] for r in history) / rollouts)
+    for phase in phases:
+        fp32, bf16 = seconds["fp32", phase], seconds["bf16", phase]
+        print(f"  {phase:9s} s per 1k rollouts: fp32 {' '.join(f'{t:.2f}' for t in fp32)}, "
+              f"bf16 {' '.join(f'{t:.2f}' for t in bf16)} -> fp32 / bf16 = {sum(fp32) / sum(bf16):.2f}x")
 
-    import json
 
+def run_iterations(args, precision: str):
+    """Train ``args.iterations`` steps at ``precision``; the config and the records after the first."""
     from remix_megatron.config import load_config
     from remix_megatron.data.tiny import build_tiny_model
     from remix_megatron.parallel import destroy_parallel
-    from remix_megatron.planning import CRITIC_ESTIMATORS
     from remix_megatron.trainer import train
 
     tiny = build_tiny_model()
     run = tempfile.mkdtemp(prefix="rl-bench-")
+    micro_batch = [f"trainer.micro_batch_size={args.micro_batch}"] if args.micro_batch else []
     cfg = load_config(args.config, [
         f"model.hf_path={tiny}", f"data.train_path={tiny}/train.jsonl", "data.eval_interval=0",
-        f"rollout.prompts_per_step={args.prompts}", f"trainer.num_steps={args.iterations}",
-        "trainer.save_interval=-1", f"trainer.run_dir={run}", f"trainer.micro_batch_size={args.micro_batch}"])
+        "data.eval_every_rollouts=0", f"rollout.prompts_per_step={args.prompts}",
+        f"trainer.num_steps={args.iterations}", "trainer.save_interval=-1", f"trainer.run_dir={run}",
+        f"parallel.precision={precision}", *micro_batch])
     history = [r for r in train(cfg) if r["iteration"] > 1]  # the first iteration has nothing to replay
     destroy_parallel()
+    return cfg, history
+
+
+def report(args, cfg, history: list[dict]) -> None:
+    """Seconds per 1k rollouts, phase shares and the update's fp32 FLOP floor."""
+    import json
+
+    from remix_megatron.data.tiny import build_tiny_model
+    from remix_megatron.planning import CRITIC_ESTIMATORS
+
+    tiny = build_tiny_model()
     total = sum(r["time/iteration_s"] for r in history)
     rollouts = sum(r["rollouts"] for r in history)
     tokens = sum(r["rollouts"] * r["response_length"] for r in history)

@@ -14,6 +14,7 @@ position ``t`` aligned with ``labels[t]``, the token emitted there).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
 from functools import partial
 from typing import Callable, Sequence
@@ -79,6 +80,23 @@ def _causal_mask(seq_length: int, device: torch.device) -> torch.Tensor:
     return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool, device=device), diagonal=1)[None, None]
 
 
+def _autocast(state: ParallelState) -> contextlib.AbstractContextManager:
+    """What model passes run under: bf16 autocast for precision=bf16 on CPU (fp32 weights), else nothing."""
+    if state.runtime.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(state.runtime.device.type, dtype=state.runtime.autocast_dtype)
+
+
+def _in_fp32(loss_func: LossFunc, device_type: str) -> LossFunc:
+    """``loss_func`` outside autocast, on fp32 outputs: log-softmax, ratios and losses stay fp32."""
+
+    def run(output: torch.Tensor):
+        with torch.autocast(device_type, enabled=False):
+            return loss_func(output.float())
+
+    return run
+
+
 def run_pipeline(chunks: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch], build_loss: LossBuilder,
                  state: ParallelState, *, forward_only: bool) -> list[dict]:
     """Run Megatron's forward(-backward) schedule; returns the last stage's logging dicts."""
@@ -91,13 +109,17 @@ def run_pipeline(chunks: Sequence[torch.nn.Module], micro_batches: Sequence[Micr
     attention_mask = _causal_mask(seq_length, device)
     position_ids = torch.arange(seq_length, device=device).unsqueeze(0).expand(batch_size, -1)
 
+    autocast = state.runtime.autocast_dtype is not None
+
     def forward_step(data_iterator, model):
         batch = next(data_iterator).to(device)
         output = model(batch.tokens, position_ids, attention_mask)
-        return output, build_loss(batch)
+        return output, _in_fp32(build_loss(batch), device.type) if autocast else build_loss(batch)
 
     iterators = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
-    with torch.no_grad() if forward_only else torch.enable_grad():
+    # The backward runs under autocast too: Megatron's linear backward multiplies the bf16 output
+    # gradient by the fp32 weight it saved and restores only CUDA's autocast state (custom_bwd).
+    with torch.no_grad() if forward_only else torch.enable_grad(), _autocast(state):
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iterators, model=list(chunks),
             num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=batch_size,

@@ -9,8 +9,14 @@ from remix_megatron.algorithms import rollout_cost
 from remix_megatron.cli import main
 from remix_megatron.config import ConfigError, load_config
 from remix_megatron.planning import (
-    Layout, chunks_in_flight, kv_bytes_per_token, layer_activation_bytes, plan_layout, plan_memory,
-    stage_parameters, total_parameters,
+    Layout,
+    chunks_in_flight,
+    kv_bytes_per_token,
+    layer_activation_bytes,
+    plan_layout,
+    plan_memory,
+    stage_parameters,
+    total_parameters,
 )
 from tests.conftest import REPO
 
@@ -129,3 +135,12 @@ def test_layout_errors_exit_2(capsys):
     with pytest.raises(ConfigError, match="leaves no fresh prompt"):
         plan_layout(load_config(REPO / "configs" / "tiny_remix_ppo.yaml", ["rollout.prompts_per_step=8",
                                                                            "algorithm.fresh_multiple_of=8"]), 1)
+
+
+def test_cpu_bf16_plans_fp32_weights():
+    """precision=bf16 on CPU autocasts over fp32 weights and optimizer: the plan counts 4 bytes a weight."""
+    plans = {precision: plan_memory(load_config(REPO / "configs" / "tiny_remix_ppo.yaml",
+                                                [f"parallel.precision={precision}"]))
+             for precision in ("fp32", "bf16")}
+    assert plans["bf16"].params_dtype == "fp32" and not plans["bf16"].gpu
+    assert plans["bf16"].stages[0].rows == plans["fp32"].stages[0].rows
