@@ -15,11 +15,11 @@ the tiny model's widest layer, measured here), per 1k rollouts generated. No sof
 gets the update below that floor in fp32 on these cores.
 
 ``--precision bf16`` runs the model passes under CPU bf16 autocast (``parallel.precision=bf16``);
-``--precision compare`` runs fp32 and bf16 alternately (``--rounds`` times each) and prints the
-bf16 / fp32 ratio of the update and log-prob phases.
+``--precision compare`` times only the update's unit instead: the actor's forward + backward + Adam
+step on one minibatch, fp32 and bf16 alternating (``--rounds`` each), and prints the ratio.
 
     .venv/bin/python benchmarks/rl_throughput.py [--config C --prompts 256 --iterations 4 --micro-batch 8
-                                                  --precision fp32|bf16|compare --rounds 2]
+                                                  --precision fp32|bf16|compare --rounds 30]
 """
 
 from __future__ import annotations
@@ -48,24 +48,60 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=4)
     parser.add_argument("--micro-batch", type=int, default=None, help="trainer.micro_batch_size (default: config's)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "compare"), default="fp32")
-    parser.add_argument("--rounds", type=int, default=2, help="--precision compare: runs of each precision")
+    parser.add_argument("--rounds", type=int, default=30, help="--precision compare: timed steps of each")
     args = parser.parse_args()
-    if args.precision != "compare":
-        cfg, history = run_iterations(args, args.precision)
-        report(args, cfg, history)
+    if args.precision == "compare":
+        compare_update_steps(args)
         return
-    phases = ("update", "logprobs")
-    seconds = {(precision, phase): [] for precision in ("fp32", "bf16") for phase in phases}
-    for _ in range(args.rounds):
-        for precision in ("fp32", "bf16"):  # alternating, so drifting machine load hits both alike
-            _, history = run_iterations(args, precision)
-            rollouts = sum(r["rollouts"] for r in history)
-            for phase in phases:
-                seconds[precision, phase].append(1000 * sum(r[f"time/{phase}_s"] for r in history) / rollouts)
-    for phase in phases:
-        fp32, bf16 = seconds["fp32", phase], seconds["bf16", phase]
-        print(f"  {phase:9s} s per 1k rollouts: fp32 {' '.join(f'{t:.2f}' for t in fp32)}, "
-              f"bf16 {' '.join(f'{t:.2f}' for t in bf16)} -> fp32 / bf16 = {sum(fp32) / sum(bf16):.2f}x")
+    cfg, history = run_iterations(args, args.precision)
+    report(args, cfg, history)
+
+
+def compare_update_steps(args) -> None:
+    """Median fwd + bwd + Adam step of the actor on one minibatch of the config's shape, fp32 and bf16
+    actors alternating in one process (so drifting machine load hits both alike), and their ratio."""
+    import dataclasses
+    import statistics
+
+    import torch
+
+    from remix_megatron.algorithms import ActorLossInputs, kl_lambda
+    from remix_megatron.algorithms.megatron_adapter import actor_loss_builder, run_pipeline, split_micro_batches
+    from remix_megatron.config import load_config
+    from remix_megatron.models import build_actor, make_trainable
+    from remix_megatron.parallel import destroy_parallel, init_parallel
+
+    cfg = load_config(args.config, [f"trainer.micro_batch_size={args.micro_batch}"] if args.micro_batch else [])
+    state = init_parallel(cfg)
+    states = {"fp32": state, "bf16": dataclasses.replace(
+        state, runtime=dataclasses.replace(state.runtime, autocast_dtype=torch.bfloat16))}
+    actors = {name: make_trainable(build_actor(cfg.model, s), cfg.actor_optimizer, cfg.parallel, s)
+              for name, s in states.items()}
+    gen = torch.Generator().manual_seed(0)
+    shape = (cfg.trainer.global_batch_size, cfg.trainer.seq_length)
+    tokens = torch.randint(0, cfg.model.vocab_size, shape, generator=gen)
+    stored = -torch.rand(shape, generator=gen) * 2
+    inputs = ActorLossInputs(loss_mask=torch.ones(shape), advantages=torch.randn(shape, generator=gen),
+                             behaviour_logprobs=stored, pik_logprobs=stored + 0.01, ref_logprobs=stored - 0.01,
+                             prev_logprobs=stored, sample_age=torch.arange(shape[0]) % 3)
+    batches = split_micro_batches(tokens, torch.roll(tokens, -1, 1), cfg.trainer.micro_batch_size, actor=inputs)
+    seconds: dict[str, list[float]] = {name: [] for name in actors}
+    for rep in range(args.rounds + 3):  # three warm-up rounds
+        for name, actor in actors.items():
+            builder = actor_loss_builder(cfg.algorithm, states[name], kl_lambda=kl_lambda(1, cfg.algorithm))
+            start = time.perf_counter()
+            actor.zero_grad()
+            run_pipeline(actor.chunks, batches, builder, states[name], forward_only=False)
+            actor.step()
+            if rep >= 3:
+                seconds[name].append(time.perf_counter() - start)
+    destroy_parallel()
+    paired = statistics.median(f / b for f, b in zip(seconds["fp32"], seconds["bf16"]))
+    print(f"actor fwd + bwd + Adam step, {shape[0]} rows x {shape[1]} tokens in micro-batches of "
+          f"{cfg.trainer.micro_batch_size}, median of {args.rounds}:")
+    for name, times in seconds.items():
+        print(f"  {name}: {1e3 * statistics.median(times):7.1f} ms")
+    print(f"  fp32 / bf16: {paired:.2f}x (median of paired rounds)")
 
 
 def run_iterations(args, precision: str):
