@@ -13,7 +13,7 @@ from tests.conftest import run_cli
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.timeout(900)  # 20 iterations and 3 evaluations: ~1.5 min alone, 8 min at a load average of 35
+@pytest.mark.timeout(900)  # 20 iterations, 3 evaluations: 8 min at a load average of ~35
 def test_bf16_mix_phase_raises_accuracy(tmp_path):
     from remix_megatron.data.tiny import build_tiny_model
 
