@@ -16,7 +16,9 @@ gets the update below that floor in fp32 on these cores.
 
 ``--precision bf16`` runs the model passes under CPU bf16 autocast (``parallel.precision=bf16``);
 ``--precision compare`` times only the update's unit instead: the actor's forward + backward + Adam
-step on one minibatch, fp32 and bf16 alternating (``--rounds`` each), and prints the ratio.
+step on one minibatch, fp32 and bf16 alternating (``--rounds`` each), and prints the ratio. Run it
+with ``OMP_NUM_THREADS=1``, as torchrun runs training: on a shared machine two threads' spinning
+swamps the difference.
 
     .venv/bin/python benchmarks/rl_throughput.py [--config C --prompts 256 --iterations 4 --micro-batch 8
                                                   --precision fp32|bf16|compare --rounds 30]
@@ -85,23 +87,27 @@ def compare_update_steps(args) -> None:
                              behaviour_logprobs=stored, pik_logprobs=stored + 0.01, ref_logprobs=stored - 0.01,
                              prev_logprobs=stored, sample_age=torch.arange(shape[0]) % 3)
     batches = split_micro_batches(tokens, torch.roll(tokens, -1, 1), cfg.trainer.micro_batch_size, actor=inputs)
-    seconds: dict[str, list[float]] = {name: [] for name in actors}
+    # CPU seconds of this process beside wall seconds: on a shared machine a step's wall time is
+    # mostly waiting for a core, its CPU time is the work done
+    seconds = {(name, clock): [] for name in actors for clock in ("wall", "cpu")}
     for rep in range(args.rounds + 3):  # three warm-up rounds
         for name, actor in actors.items():
             builder = actor_loss_builder(cfg.algorithm, states[name], kl_lambda=kl_lambda(1, cfg.algorithm))
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             actor.zero_grad()
             run_pipeline(actor.chunks, batches, builder, states[name], forward_only=False)
             actor.step()
             if rep >= 3:
-                seconds[name].append(time.perf_counter() - start)
+                seconds[name, "wall"].append(time.perf_counter() - wall)
+                seconds[name, "cpu"].append(time.process_time() - cpu)
     destroy_parallel()
-    paired = statistics.median(f / b for f, b in zip(seconds["fp32"], seconds["bf16"]))
     print(f"actor fwd + bwd + Adam step, {shape[0]} rows x {shape[1]} tokens in micro-batches of "
-          f"{cfg.trainer.micro_batch_size}, median of {args.rounds}:")
-    for name, times in seconds.items():
-        print(f"  {name}: {1e3 * statistics.median(times):7.1f} ms")
-    print(f"  fp32 / bf16: {paired:.2f}x (median of paired rounds)")
+          f"{cfg.trainer.micro_batch_size}, median of {args.rounds} ({torch.get_num_threads()} threads):")
+    for clock in ("wall", "cpu"):
+        fp32, bf16 = seconds["fp32", clock], seconds["bf16", clock]
+        paired = statistics.median(f / b for f, b in zip(fp32, bf16))
+        print(f"  {clock:4s} ms: fp32 {1e3 * statistics.median(fp32):7.1f}, bf16 {1e3 * statistics.median(bf16):7.1f}"
+              f" -> fp32 / bf16 {paired:.2f}x (median of paired rounds)")
 
 
 def run_iterations(args, precision: str):
