@@ -33,6 +33,9 @@ class Runtime:
     backend: str  # gloo | nccl
     params_dtype: torch.dtype
     transformer_impl: str  # local | transformer_engine
+    # precision=bf16 on CPU: fp32 parameters (megatron-core's CPU forward fails with bf16 ones), model forwards
+    # under torch.autocast("cpu", bfloat16); None = no autocast (fp32 on CPU, bf16 parameters on GPU)
+    autocast_dtype: torch.dtype | None = None
 
 
 def transformer_engine_installed() -> bool:
@@ -46,9 +49,6 @@ def resolve_runtime(cfg: ParallelConfig, *, cuda_available: bool | None = None) 
     if backend == "nccl" and not cuda:
         raise ConfigError("parallel.backend=nccl needs CUDA GPUs; use parallel.backend=gloo (or auto) on CPU")
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
-    if precision == "bf16" and not cuda:
-        raise ConfigError("parallel.precision=bf16 needs CUDA: megatron-core's CPU forward fails in bf16; "
-                          "use parallel.precision=fp32 (or auto)")
     impl = cfg.transformer_impl
     if impl == "auto":
         impl = "transformer_engine" if cuda and transformer_engine_installed() else "local"
@@ -59,8 +59,8 @@ def resolve_runtime(cfg: ParallelConfig, *, cuda_available: bool | None = None) 
         raise ConfigError("parallel.sequence_parallel=true needs the TransformerEngine layer spec "
                           "(megatron's local spec norm rejects it); set it false or use transformer_engine")
     return Runtime(device=torch.device("cuda" if cuda else "cpu"), backend=backend,
-                   params_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
-                   transformer_impl=impl)
+                   params_dtype=torch.bfloat16 if precision == "bf16" and cuda else torch.float32,
+                   transformer_impl=impl, autocast_dtype=torch.bfloat16 if precision == "bf16" and not cuda else None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,7 +105,8 @@ class ParallelState:
     def describe(self) -> str:
         return (f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tensor_parallel} "
                 f"pp {self.pp_rank}/{self.pipeline_parallel} dp {self.dp_rank}/{self.data_parallel} "
-                f"({self.runtime.backend}, {self.runtime.device.type}, {self.runtime.params_dtype})")
+                f"({self.runtime.backend}, {self.runtime.device.type}, {self.runtime.params_dtype}"
+                f"{', autocast ' + str(self.runtime.autocast_dtype) if self.runtime.autocast_dtype else ''})")
 
 
 def _free_port() -> int:

@@ -271,6 +271,7 @@ def plan_memory(cfg: ExperimentConfig, world_size: int | None = None, *,
     layout = plan_layout(cfg, resolve_world_size(cfg, world_size))
     gpu = _uses_gpu(cfg)
     precision = cfg.parallel.precision if cfg.parallel.precision != "auto" else ("bf16" if gpu else "fp32")
+    precision = precision if gpu else "fp32"  # bf16 on CPU autocasts over fp32 weights and optimizer
     dtype_bytes = 2 if precision == "bf16" else 4
     impl = cfg.parallel.transformer_impl if cfg.parallel.transformer_impl != "auto" else (
         "transformer_engine" if gpu else "local")

@@ -14,6 +14,7 @@ position ``t`` aligned with ``labels[t]``, the token emitted there).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass, fields, replace
 from functools import partial
@@ -163,6 +164,23 @@ def _causal_mask(seq_length: int, device: torch.device) -> torch.Tensor:
     return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool, device=device), diagonal=1)[None, None]
 
 
+def _autocast(state: ParallelState) -> contextlib.AbstractContextManager:
+    """What model passes run under: bf16 autocast for precision=bf16 on CPU (fp32 weights), else nothing."""
+    if state.runtime.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(state.runtime.device.type, dtype=state.runtime.autocast_dtype)
+
+
+def _in_fp32(loss_func: LossFunc, device_type: str) -> LossFunc:
+    """``loss_func`` outside autocast, on fp32 outputs: log-softmax, ratios and losses stay fp32."""
+
+    def run(output: torch.Tensor):
+        with torch.autocast(device_type, enabled=False):
+            return loss_func(output.float())
+
+    return run
+
+
 def run_pipeline(chunks: Sequence[torch.nn.Module], micro_batches: Sequence[MicroBatch], build_loss: LossBuilder,
                  state: ParallelState, *, forward_only: bool) -> list[dict]:
     """Run Megatron's forward(-backward) schedule; returns the last stage's logging dicts.
@@ -183,24 +201,28 @@ def run_pipeline(chunks: Sequence[torch.nn.Module], micro_batches: Sequence[Micr
     get_model_config(chunks[0]).variable_seq_lengths = len({tuple(b.tokens.shape) for b in micro_batches}) > 1
     masks: dict[int, torch.Tensor] = {}
 
+    autocast = state.runtime.autocast_dtype is not None
+
     def forward_step(data_iterator, model):
         batch = next(data_iterator).to(device)
         if batch.packing is not None:  # THD: attention within each sequence, no mask, no padding
             output = model(batch.tokens, batch.packing.position_ids(device), None,
                            packed_seq_params=batch.packing.params(device))
-            return output, build_loss(batch)
-        rows, width = batch.tokens.shape
-        if width not in masks:
-            masks[width] = _causal_mask(width, device)
-        position_ids = torch.arange(width, device=device).unsqueeze(0).expand(rows, -1)
-        output = model(batch.tokens, position_ids, masks[width])
-        return output, build_loss(batch)
+        else:
+            rows, width = batch.tokens.shape
+            if width not in masks:
+                masks[width] = _causal_mask(width, device)
+            position_ids = torch.arange(width, device=device).unsqueeze(0).expand(rows, -1)
+            output = model(batch.tokens, position_ids, masks[width])
+        return output, _in_fp32(build_loss(batch), device.type) if autocast else build_loss(batch)
 
     iterators = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
     schedule = get_forward_backward_func(pp_size=state.pipeline_parallel,
                                          vp_size=state.virtual_pipeline if state.virtual_pipeline > 1 else None)
     p2p = P2PCommunicator(pp_group=state.pp_group, config=chunks[0].config)  # unused without pipelining
-    with torch.no_grad() if forward_only else torch.enable_grad():
+    # The backward runs under autocast too: Megatron's linear backward multiplies the bf16 output
+    # gradient by the fp32 weight it saved and restores only CUDA's autocast state (custom_bwd).
+    with torch.no_grad() if forward_only else torch.enable_grad(), _autocast(state):
         return schedule(
             forward_step_func=forward_step, data_iterator=iterators, model=list(chunks),
             num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=batch_size,

@@ -104,7 +104,9 @@ class ParallelConfig:
     sequence_parallel: bool = doc("shard activations along the sequence in TP regions (GPU only; needs TP > 1)", False)
     use_distributed_optimizer: bool = doc("shard optimizer state over data-parallel ranks", False)
     backend: str = doc("torch.distributed backend: auto (nccl with CUDA, else gloo) | gloo | nccl", "auto")
-    precision: str = doc("parameter dtype: auto (bf16 with CUDA, else fp32) | fp32 | bf16", "auto")
+    precision: str = doc("auto (bf16 with CUDA, else fp32) | fp32 | bf16: bf16 parameters with Megatron's "
+                         "mixed-precision optimizer on GPU; on CPU fp32 weights and optimizer, model passes under "
+                         "bf16 autocast (log-softmax, ratios and losses in fp32)", "auto")
     transformer_impl: str = doc("layer spec: auto (TransformerEngine with CUDA, else local) | local | "
                                 "transformer_engine", "auto")
     collective_timeout_s: int = doc("seconds a collective (start-up included) waits for every rank before the run "

@@ -158,3 +158,12 @@ def test_token_budget_plans_the_budget_not_seq_length_times_micro_batch(capsys):
     assert activations(half) == pytest.approx([1.5 * a for a in activations(base)], rel=1e-6)
     assert main(["dryrun", str(path)]) == 0
     assert "micro-batches per step per DP rank at full width" in capsys.readouterr().out
+
+
+def test_cpu_bf16_plans_fp32_weights():
+    """precision=bf16 on CPU autocasts over fp32 weights and optimizer: the plan counts 4 bytes a weight."""
+    plans = {precision: plan_memory(load_config(REPO / "configs" / "tiny_remix_ppo.yaml",
+                                                [f"parallel.precision={precision}"]))
+             for precision in ("fp32", "bf16")}
+    assert plans["bf16"].params_dtype == "fp32" and not plans["bf16"].gpu
+    assert plans["bf16"].stages[0].rows == plans["fp32"].stages[0].rows

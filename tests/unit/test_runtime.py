@@ -12,6 +12,13 @@ pytestmark = pytest.mark.unit
 def test_auto_on_cpu():
     rt = resolve_runtime(ParallelConfig(), cuda_available=False)
     assert (rt.device.type, rt.backend, rt.params_dtype, rt.transformer_impl) == ("cpu", "gloo", torch.float32, "local")
+    assert rt.autocast_dtype is None  # fp32 throughout, as the exactness tests need
+
+
+def test_bf16_on_cpu_is_autocast_over_fp32_weights():
+    rt = resolve_runtime(ParallelConfig(precision="bf16"), cuda_available=False)
+    assert (rt.params_dtype, rt.autocast_dtype) == (torch.float32, torch.bfloat16)
+    assert resolve_runtime(ParallelConfig(precision="fp32"), cuda_available=False).autocast_dtype is None
 
 
 def test_auto_on_gpu(monkeypatch):
@@ -19,6 +26,7 @@ def test_auto_on_gpu(monkeypatch):
     rt = resolve_runtime(ParallelConfig(), cuda_available=True)
     assert (rt.device.type, rt.backend, rt.params_dtype, rt.transformer_impl) == (
         "cuda", "nccl", torch.bfloat16, "transformer_engine")
+    assert rt.autocast_dtype is None  # bf16 parameters with Megatron's mixed-precision optimizer instead
 
 
 def test_gpu_without_transformer_engine_falls_back_to_local(monkeypatch):
@@ -28,7 +36,6 @@ def test_gpu_without_transformer_engine_falls_back_to_local(monkeypatch):
 
 @pytest.mark.parametrize(("kwargs", "expected"), [
     (dict(backend="nccl"), "backend=nccl needs CUDA"),
-    (dict(precision="bf16"), "precision=bf16 needs CUDA"),
     (dict(transformer_impl="transformer_engine"), "needs CUDA GPUs and the transformer-engine package"),
     (dict(tensor_parallel=2, sequence_parallel=True), "sequence_parallel=true needs the TransformerEngine"),
 ])
