@@ -1,5 +1,5 @@
-"""Checkpoints with the distributed optimizer (parallel.use_distributed_optimizer=true): saved at DP2,
-resumed at DP2 bitwise as the uninterrupted run, and resumed into DP1 layouts (1 process, TP2)."""
+"""Checkpoints with the distributed optimizer (parallel.use_distributed_optimizer=true): resumed at DP2
+and at PP2 x DP2 bitwise as the uninterrupted run, and a DP2 checkpoint resumed into DP1 layouts (1 process, TP2)."""
 
 from __future__ import annotations
 
@@ -49,11 +49,12 @@ def saved_at_dp2(tiny_dir, tmp_path_factory) -> Path:
     return run
 
 
-def test_dp2_resume_is_bitwise_the_uninterrupted_run(tiny_dir, saved_at_dp2, tmp_path):
+@pytest.mark.parametrize("nproc,layout", [(2, ()), (4, ("parallel.pipeline_parallel=2",))], ids=["dp2", "pp2_dp2"])
+def test_resume_is_bitwise_the_uninterrupted_run(tiny_dir, tmp_path, nproc, layout):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(tiny_dir, straight, 4, 2)
-    shutil.copytree(saved_at_dp2, resumed)  # a copy: the fixture's run stays at iteration 2
-    out = train(tiny_dir, resumed, 4, 2)
+    train(tiny_dir, straight, 4, nproc, *layout)
+    train(tiny_dir, resumed, 2, nproc, *layout)
+    out = train(tiny_dir, resumed, 4, nproc, *layout)
     assert "resumed from iteration 2" in out and "[3/4]" in out and "[1/4]" not in out
     a, b = metrics(straight), metrics(resumed)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
