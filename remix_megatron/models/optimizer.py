@@ -66,8 +66,10 @@ class TrainableModel:
         torch Adam's per-parameter state, which torch creates lazily at the first step: a sharded
         state dict of a fresh optimizer (every load, a save before any step) fails without it.
         """
-        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+        from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
 
+        if HAVE_APEX_OR_TE:  # their fused Adam keeps its own state, without a per-parameter step
+            return
         for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
             if not isinstance(optimizer, DistributedOptimizer) or optimizer.optimizer.state:
                 continue
