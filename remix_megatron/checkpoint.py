@@ -73,6 +73,15 @@ def _chunks(model: Model) -> list[torch.nn.Module]:
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
+def _distributed_optimizer(models: Mapping[str, Model]) -> bool:
+    """Whether any of ``models`` steps with megatron's DistributedOptimizer (its state has its own format)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(optimizer, DistributedOptimizer) for model in models.values()
+               if isinstance(model, TrainableModel)
+               for optimizer in getattr(model.optimizer, "chained_optimizers", [model.optimizer]))
+
+
 def _sharded_state(models: Mapping[str, Model], state: ParallelState, *, is_loading: bool, with_optimizer: bool
                    ) -> dict:
     """{name: {"model0": ..., ["optimizer": ...]}} with ShardedTensor keys prefixed by the model name."""
@@ -156,7 +165,8 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, models: Mapping[str
     dist.barrier()
     if state.rank == 0:
         payload = {"version": CHECKPOINT_VERSION, "iteration": iteration, "layout": _layout(state),
-                   "models": sorted(models), "trainer_state": dict(trainer_state)}
+                   "distributed_optimizer": _distributed_optimizer(models), "models": sorted(models),
+                   "trainer_state": dict(trainer_state)}
         atomic_write_text(staging / "trainer_state.json", json.dumps(payload, indent=1))
         atomic_write_text(staging / "config.yaml", to_yaml(config, header={"saved_at_iteration": iteration}))
         _publish(staging, final)
@@ -275,6 +285,12 @@ def load_checkpoint(root: str | os.PathLike, models: Mapping[str, Model], state:
     missing = sorted(set(models) - set(payload["models"]))
     if missing:
         raise CheckpointError(f"{directory} holds models {payload['models']}, not {missing}")
+    # checkpoints from before the key could not hold a distributed optimizer (its save failed)
+    saved_distributed = payload.get("distributed_optimizer", False)
+    if load_optimizer and saved_distributed != _distributed_optimizer(models):
+        raise CheckpointError(f"{directory} holds the optimizer state of a run with parallel.use_distributed_optimizer="
+                              f"{str(saved_distributed).lower()}, a format this run's optimizer cannot load: resume "
+                              "with the same setting")
     check_dist_metadata(directory / "dist")
     distributed_optimizer_loads_into_torch_adam()
     sharded = _sharded_state(models, state, is_loading=True, with_optimizer=load_optimizer)

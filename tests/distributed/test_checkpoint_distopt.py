@@ -75,3 +75,10 @@ def test_dp2_checkpoint_resumes_into_dp1_layouts(tiny_dir, saved_at_dp2, tmp_pat
     assert [one[k]["rollouts_total"] for k in (3, 4)] == [tp2[k]["rollouts_total"] for k in (3, 4)] == [64, 96]
     for key in COMPARED:
         assert [tp2[k][key] for k in (3, 4)] == pytest.approx([one[k][key] for k in (3, 4)], rel=1e-4, abs=1e-6), key
+
+
+def test_resume_without_the_distributed_optimizer_is_a_clear_error(tiny_dir, saved_at_dp2, tmp_path):
+    """The two optimizers' states have different formats (megatron fails with KeyError 'pre_wd_mult')."""
+    shutil.copytree(saved_at_dp2, tmp_path / "run")
+    with pytest.raises(AssertionError, match=r"use_distributed_optimizer=true, a format this run's optimizer cannot"):
+        train(tiny_dir, tmp_path / "run", 4, 1, "parallel.use_distributed_optimizer=false")
