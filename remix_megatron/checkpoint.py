@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from remix_megatron.compat import in_process_checkpoint_writes
+from remix_megatron.compat import distributed_optimizer_loads_into_torch_adam, in_process_checkpoint_writes
 from remix_megatron.config import ExperimentConfig, to_yaml
 from remix_megatron.fileio import atomic_write_text
 from remix_megatron.models.optimizer import TrainableModel
@@ -65,6 +65,23 @@ def _chunks(model: Model) -> list[torch.nn.Module]:
     return model.unwrapped() if isinstance(model, TrainableModel) else list(model)
 
 
+# The distributed optimizer's format (the other optimizers ignore it). megatron-core 0.16.1's default,
+# fully_sharded_model_space, builds flattened ShardedTensors that its own dist_checkpointing refuses
+# ("ShardedTensor.flattened_range is not supported"); fully_reshardable all-gathers each state tensor
+# over the DP group into model-parameter shapes: resharded on load to any TP/PP/DP layout. Not its
+# memory-efficient variant: that gathers over the gloo DP groups, which the optimizer does not hold.
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _distributed_optimizer(models: Mapping[str, Model]) -> bool:
+    """Whether any of ``models`` steps with megatron's DistributedOptimizer (its state has its own format)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(optimizer, DistributedOptimizer) for model in models.values()
+               if isinstance(model, TrainableModel)
+               for optimizer in getattr(model.optimizer, "chained_optimizers", [model.optimizer]))
+
+
 def _sharded_state(models: Mapping[str, Model], state: ParallelState, *, is_loading: bool, with_optimizer: bool
                    ) -> dict:
     """{name: {"model0": ..., ["optimizer": ...]}} with ShardedTensor keys prefixed by the model name."""
@@ -75,7 +92,9 @@ def _sharded_state(models: Mapping[str, Model], state: ParallelState, *, is_load
                                                        metadata={"dp_cp_group": state.pg_collection.dp_cp})
                  for i, chunk in enumerate(_chunks(model))}
         if with_optimizer and isinstance(model, TrainableModel):
-            entry["optimizer"] = model.optimizer.sharded_state_dict(dict(entry), is_loading=is_loading)
+            model.ensure_optimizer_state()
+            entry["optimizer"] = model.optimizer.sharded_state_dict(dict(entry), is_loading=is_loading,
+                                                                    metadata=_OPTIMIZER_METADATA)
         out[name] = entry
     return out
 
@@ -146,7 +165,8 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, models: Mapping[str
     dist.barrier()
     if state.rank == 0:
         payload = {"version": CHECKPOINT_VERSION, "iteration": iteration, "layout": _layout(state),
-                   "models": sorted(models), "trainer_state": dict(trainer_state)}
+                   "distributed_optimizer": _distributed_optimizer(models), "models": sorted(models),
+                   "trainer_state": dict(trainer_state)}
         atomic_write_text(staging / "trainer_state.json", json.dumps(payload, indent=1))
         atomic_write_text(staging / "config.yaml", to_yaml(config, header={"saved_at_iteration": iteration}))
         _publish(staging, final)
@@ -265,7 +285,14 @@ def load_checkpoint(root: str | os.PathLike, models: Mapping[str, Model], state:
     missing = sorted(set(models) - set(payload["models"]))
     if missing:
         raise CheckpointError(f"{directory} holds models {payload['models']}, not {missing}")
+    # checkpoints from before the key could not hold a distributed optimizer (its save failed)
+    saved_distributed = payload.get("distributed_optimizer", False)
+    if load_optimizer and saved_distributed != _distributed_optimizer(models):
+        raise CheckpointError(f"{directory} holds the optimizer state of a run with parallel.use_distributed_optimizer="
+                              f"{str(saved_distributed).lower()}, a format this run's optimizer cannot load: resume "
+                              "with the same setting")
     check_dist_metadata(directory / "dist")
+    distributed_optimizer_loads_into_torch_adam()
     sharded = _sharded_state(models, state, is_loading=True, with_optimizer=load_optimizer)
     try:
         with warnings.catch_warnings():

@@ -67,6 +67,38 @@ def transformer_config_adaptations(*, device_type: str, backend: str) -> dict:
     return adaptations
 
 
+def distributed_optimizer_loads_into_torch_adam() -> None:
+    """Let megatron-core 0.16.1's DistributedOptimizer load a checkpoint into torch's Adam (no Apex/TE).
+
+    Two faults of its torch-Adam path, both in what it does with Adam's per-parameter ``step``
+    (the step itself comes from the param groups; ``load_state_dict`` sets it just before):
+    - its loaders copy the loaded ``param``/``exp_avg``/``exp_avg_sq`` into every entry of a
+      parameter's Adam state, ``step`` included, which no loaded entry carries: KeyError 'step';
+    - every parameter gets the same step tensor, which torch's Adam increments in place once
+      per parameter: after one step the bias correction is that of step + (number of parameters)
+      (measured: a resumed run left the uninterrupted one at its first step).
+    Each parameter gets its own copy of the step, as an uninterrupted run has. Idempotent; a
+    no-op with Apex/TE, whose fused Adam keeps no per-parameter step.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    optimizer_class = distrib_optimizer.DistributedOptimizer
+    original = optimizer_class._set_main_param_and_optimizer_states
+    if distrib_optimizer.HAVE_APEX_OR_TE or getattr(original, "gives_own_step", False):
+        return
+
+    def set_states_with_own_step(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        adam_state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+        if "step" in adam_state and "step" not in tensors:
+            adam_state["step"] = adam_state["step"].clone()
+            tensors = {**tensors, "step": adam_state["step"]}
+        original(self, model_param, tensors)
+
+    set_states_with_own_step.gives_own_step = True
+    optimizer_class._set_main_param_and_optimizer_states = set_states_with_own_step
+
+
 def in_process_checkpoint_writes() -> None:
     """Keep megatron-core's synchronous dist-checkpoint saves inside the training process.
 

@@ -59,6 +59,25 @@ class TrainableModel:
         raise KeyError("no optimizer state for this parameter (bf16 or distributed optimizers keep it on "
                        "main-param copies)")
 
+    def ensure_optimizer_state(self) -> None:
+        """Give a distributed optimizer that has not stepped yet the Adam state of step 0 (zero moments).
+
+        Without Apex/TE, megatron-core 0.16.1's DistributedOptimizer.state_dict reads the step from
+        torch Adam's per-parameter state, which torch creates lazily at the first step: a sharded
+        state dict of a fresh optimizer (every load, a save before any step) fails without it.
+        """
+        from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
+
+        if HAVE_APEX_OR_TE:  # their fused Adam keeps its own state, without a per-parameter step
+            return
+        for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            if not isinstance(optimizer, DistributedOptimizer) or optimizer.optimizer.state:
+                continue
+            for group in optimizer.optimizer.param_groups:
+                for param in group["params"]:  # what torch.optim.Adam's first step allocates
+                    optimizer.optimizer.state[param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
+                                                        "exp_avg_sq": torch.zeros_like(param)}
+
     def set_lr(self, lr: float) -> None:
         """The learning rate of the next steps (every parameter group)."""
         for group in self.optimizer.param_groups:

@@ -103,10 +103,9 @@ def main(out: str, *overrides: str) -> None:
         load_full_state_dict(reference, dict(iter_full_tensors(actor.chunks, state)), state)
         if state.virtual_pipeline == 1:  # export runs one micro-batch, which the interleaved schedule refuses
             megatron_logits(reference, batches[0].tokens, state)
-        if not cfg.parallel.use_distributed_optimizer:  # its checkpoint save fails on 0.16.1 (flattened_range)
-            models = {"actor": actor, "critic": critic}
-            save_checkpoint(f"{out}.checkpoints", 1, models, state, {}, config=cfg)
-            load_checkpoint(f"{out}.checkpoints", models, state)
+        models = {"actor": actor, "critic": critic}
+        save_checkpoint(f"{out}.checkpoints", 1, models, state, {}, config=cfg)
+        load_checkpoint(f"{out}.checkpoints", models, state)
     result = {"readers": {reader: sorted(names) for reader, names in reads.readers.items()},
               "same_groups": same_groups(actor, state)}
     with open(f"{out}.rank{state.rank}.json", "w") as handle:
