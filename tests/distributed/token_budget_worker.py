@@ -94,7 +94,7 @@ def main(tiny: str, out: str, budget: str, *overrides: str) -> None:
                                 zip((fixed.pik, fixed.ref, fixed.prev, fixed.values),
                                     (budgeted.pik, budgeted.ref, budgeted.prev, budgeted.values)))
     estimate = batching.estimate_advantages(batch, fixed, cfg.algorithm, state)
-    actor_batches, critic_batches = batching.training_micro_batches(batch, fixed, estimate, 4)
+    actor_batches, critic_batches = batching.training_micro_batches(batch, fixed, estimate, 4, cfg.algorithm)
     plan = dict(utd=2, steps=batch.steps, seed=(cfg.trainer.seed, 2), state=state)
     for name, model, micro, builder in (
             ("actor", models.actor, actor_batches,
