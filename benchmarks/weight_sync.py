@@ -3,6 +3,7 @@
 Same model, same process: times ``sync_weights`` into an HF engine against copying every
 parameter of the same HF model from a second in-memory copy, and reports the peak extra
 memory the sync allocated (tracked by a torch allocation hook on CPU). Target: <= 1.5x.
+Sync into vLLM (``reload_weights``) against a raw copy: ``benchmarks/engine_generation.py``.
 Run single-process (TP1) or under torchrun at TP/PP > 1:
 
     .venv/bin/python benchmarks/weight_sync.py [--hidden 512 --layers 8 --bucket-mb 64]
