@@ -50,7 +50,7 @@ RUNS = {  # name -> (config, overrides, swept over --lrs); in the order they run
     "no_replay_ppo": ("configs/tiny_remix_ppo.yaml", [*NO_REPLAY, "rollout.prompts_per_step=48"], True),
     "grpo": ("configs/tiny_grpo.yaml", [], True),
     "remix_grpo": ("configs/tiny_remix_grpo.yaml", [], True),
-    "no_replay_grpo": ("configs/tiny_remix_grpo.yaml", [*NO_REPLAY, "rollout.prompts_per_step=6"], False),
+    "no_replay_grpo": ("configs/tiny_remix_grpo.yaml", [*NO_REPLAY, "rollout.prompts_per_step=6"], True),
     "control_no_update": ("configs/tiny_remix_ppo.yaml", ["trainer.control=no_update"], False),
     "control_shuffled_rewards": ("configs/tiny_remix_ppo.yaml", ["trainer.control=shuffled_rewards"], False),
     "remix_ppo_utd1": ("configs/tiny_remix_ppo.yaml", ["algorithm.utd=1"], False),
