@@ -255,8 +255,8 @@ def _iteration(k: int, cfg: ExperimentConfig, state: ParallelState, models: Mode
     actor_metrics = learned.actor
     gap = result.logprob_gap
     if not result.recomputed:  # the single pass's own forward against the engine, measured in its loss
-        gap = actor_metrics.pop("engine_logprob_gap", None) if check_gap else None
-        actor_metrics.pop("engine_logprob_gap", None)
+        measured = actor_metrics.pop("engine_logprob_gap", None)  # never an actor/ metric
+        gap = measured if check_gap else None
         if gap is not None:
             check_logprob_gap(gap, cfg.rollout.logprob_check_threshold)
     stats = rollout_stats(result, state)
