@@ -8,7 +8,14 @@ tokens computed per real token at full scale (counting only) and at ``--scale`` 
 by it, for CPU), and the median time of one forward+backward of the scaled minibatch each way
 (the tiny actor, both ways alternated in each rep). Target: padded/real <= 1.1 with the budget.
 
-    .venv/bin/python benchmarks/token_budget.py [--rows 64 --micro-batch 1 --scale 32 --reps 5]
+Then data-parallel balance (``--dp RANKSxROWS,...``, counting only, full scale; the default: the
+paper configs' 256-row minibatch on 2 ranks, and on 8): each rank draws its own ROWS rows from
+the same distribution (``--minibatches`` draws), and the positions each rank
+computes under the budget are compared, the busiest rank over the ranks' mean (a step waits for
+the busiest), with the rows where they were drawn and after ``trainer.balance_data_parallel``
+moved them (``batching.balance_plan``), and the share of rows moved.
+
+    .venv/bin/python benchmarks/token_budget.py [--rows 64 --micro-batch 1 --scale 32 --reps 5 --dp 2x128,8x32]
 """
 
 from __future__ import annotations
@@ -48,6 +55,28 @@ def padded(batches) -> int:
     return sum(b.tokens.numel() for b in batches)
 
 
+def dp_balance(ranks: int, rows: int, minibatches: int, seq_length: int, budget: int) -> None:
+    """Busiest rank / mean of the positions computed under the budget, drawn vs balanced."""
+    from remix_megatron.batching import balance_plan, token_budget_groups
+
+    def computed(widths: list[int]) -> int:  # positions of the rank's budgeted micro-batches
+        return sum(len(group) * widths[group[0]] for group in token_budget_groups(widths, budget))
+
+    drawn, balanced, moved = [], [], 0
+    for draw in range(minibatches):
+        widths = [[min(-(-(r.prompt_tokens.size + r.response_length - 1) // 8) * 8, seq_length)
+                   for r in realistic_records(draw, rows, seed=1 + rank)] for rank in range(ranks)]
+        plan = balance_plan(widths)
+        before = [computed(w) for w in widths]
+        after = [computed([widths[src][i] for src, i in mine]) for mine in plan]
+        drawn.append(max(before) / (sum(before) / ranks))
+        balanced.append(max(after) / (sum(after) / ranks))
+        moved += sum(src != rank for rank, mine in enumerate(plan) for src, _ in mine)
+    print(f"DP {ranks} x {rows} rows, {minibatches} minibatches: busiest rank / mean positions computed "
+          f"{statistics.mean(drawn):.3f} as drawn (worst {max(drawn):.3f}), {statistics.mean(balanced):.3f} balanced "
+          f"(worst {max(balanced):.3f}); {100 * moved / (ranks * rows * minibatches):.1f}% of rows moved")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=64, help="rows of the minibatch")
@@ -57,7 +86,12 @@ def main() -> None:
                         help="budget in full-length rows (the paper configs: 1, max_tokens = seq_length)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--preset", default="qwen2-tiny")
+    parser.add_argument("--dp", default="2x128,8x32", help="RANKSxROWS per rank for the balance count ('': skip)")
+    parser.add_argument("--minibatches", type=int, default=20, help="minibatches drawn for the balance count")
     args = parser.parse_args()
+    for layout in filter(None, args.dp.split(",")):
+        ranks, rows = (int(n) for n in layout.split("x"))
+        dp_balance(ranks, rows, args.minibatches, 8960, int(args.budget_rows * 8960))
 
     from remix_megatron.algorithms import kl_lambda
     from remix_megatron.algorithms.megatron_adapter import actor_loss_builder, run_pipeline

@@ -204,14 +204,6 @@ def budget_micro_batches(whole: MicroBatch, widths: Sequence[int], budget: int, 
     return out, [row for rows in groups for row in rows]
 
 
-def budget_split(whole: MicroBatch, mask: torch.Tensor, budget: int, multiple: int, *, count: int = 1, group: int = 1,
-                 packed: bool = False) -> tuple[list[MicroBatch], list[int]]:
-    """``budget_micro_batches`` of ``whole`` with each row's width from its ``mask``: rounded up to
-    ``multiple``, or ``packed`` exact (the packed length is then the multiple)."""
-    widths = loss_widths(mask, 1 if packed else multiple)
-    return budget_micro_batches(whole, widths, budget, count, group, multiple if packed else 0)
-
-
 def scatter_rows(computed: torch.Tensor, order: list[int], rows: int, width: int) -> torch.Tensor:
     """``[rows, width]``: row ``order[i]`` is ``computed[i]`` (0 where it has no value, past its
     width, or not in order)."""
@@ -221,22 +213,135 @@ def scatter_rows(computed: torch.Tensor, order: list[int], rows: int, width: int
 
 
 def budget_minibatches(parts: list[list[MicroBatch]], budget: int, multiple: int, state: ParallelState, *,
-                       packed: bool = False) -> list[list[MicroBatch]]:
+                       packed: bool = False, balance: bool = False) -> list[list[MicroBatch]]:
     """Each minibatch's rows (those of its fixed-size micro-batches) regrouped under the token
-    budget. Every DP rank gets the same number of micro-batches per minibatch, the most any rank
-    needs, spread by halving its costliest ones (a multiple of the interleaved schedule's group)."""
+    budget; with ``balance`` first moved between DP ranks so each trains about the same number of
+    tokens (``balance_plan``; the gradient is the same: the loss is normalised over every DP rank).
+    Every DP rank gets the same number of micro-batches per minibatch, the most any rank needs,
+    spread by halving its costliest ones (a multiple of the interleaved schedule's group)."""
     wholes = [MicroBatch.concat(part) for part in parts]
     widths = [loss_widths(_loss_mask(whole), 1 if packed else multiple) for whole in wholes]
+    if balance and state.data_parallel > 1:
+        plans, everyone = balanced_plans(widths, state)
+        wholes = exchange_rows(wholes, plans, state)
+        widths = [[everyone[src][m][i] for src, i in plan[state.dp_rank]] for m, plan in enumerate(plans)]
     counts = torch.tensor([len(token_budget_groups([w for w in row_widths if w], budget, packed=packed))
                            for row_widths in widths])
     dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=state.dp_group)
     group = micro_batch_group(state)
-    return [budget_split(whole, _loss_mask(whole), budget, multiple, count=int(count), group=group, packed=packed)[0]
-            for whole, count in zip(wholes, counts)]
+    return [budget_micro_batches(whole, row_widths, budget, int(count), group, multiple if packed else 0)[0]
+            for whole, row_widths, count in zip(wholes, widths, counts)]
 
 
 def _loss_mask(batch: MicroBatch) -> torch.Tensor:
     return (batch.actor if batch.actor is not None else batch.critic).loss_mask
+
+
+def budget_forwards(forwards: Sequence[Callable[[list[MicroBatch]], torch.Tensor]], whole: MicroBatch,
+                    mask: torch.Tensor, budget: int, multiple: int, state: ParallelState, *, group: int = 1,
+                    packed: bool = False, balance: bool = False) -> list[torch.Tensor]:
+    """Each forward-only pass of ``forwards`` on the rows of ``whole`` in token-budget micro-batches
+    (row widths from ``mask``), as ``[rows, width]`` (0 past each row's width). With ``balance``
+    the rows are first spread over the DP ranks as for training (``balance_plan``), computed
+    where they land, and their results sent back to the rank that holds them."""
+    rows, width = mask.shape
+    widths = loss_widths(mask, 1 if packed else multiple)
+    if not balance or state.data_parallel == 1:
+        micro, order = budget_micro_batches(whole, widths, budget, 1, group, multiple if packed else 0)
+        return [scatter_rows(forward(micro), order, rows, width) for forward in forwards]
+    (plan,), everyone = balanced_plans([widths], state)
+    (mine,) = exchange_rows([whole], [plan], state)
+    me = state.dp_rank
+    mine_widths = [everyone[src][0][i] for src, i in plan[me]]
+    micro, order = budget_micro_batches(mine, mine_widths, budget, 1, group, multiple if packed else 0)
+    computed = [scatter_rows(forward(micro), order, len(mine_widths), mine.tokens.size(1)) for forward in forwards]
+    # results of rows computed for another rank go back to it
+    going_back: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
+    for position, (src, i) in enumerate(plan[me]):
+        if src != me:
+            going_back.setdefault(src, ([], []))[0].append(position)
+    going_back = {src: ([plan[me][p][1] for p in positions], [c[positions] for c in computed])
+                  for src, (positions, _) in going_back.items()}
+    returned: list = [None] * state.data_parallel
+    dist.all_gather_object(returned, going_back, group=state.dp_group)
+    out = [torch.zeros(rows, width) for _ in forwards]
+    for position, (src, i) in enumerate(plan[me]):
+        if src == me:
+            for o, c in zip(out, computed):
+                n = min(width, c.size(1))
+                o[i, :n] = c[position, :n]
+    for other in returned:
+        indices, results = other.get(me, ([], []))
+        for o, c in zip(out, results):
+            n = min(width, c.size(1))
+            o[indices, :n] = c[:, :n]
+    return out
+
+
+# ------------------------------------------------------------------------------ balancing DP ranks
+
+
+def balance_plan(widths: Sequence[Sequence[int]]) -> list[list[tuple[int, int]]]:
+    """Which rows each DP rank takes so that their tokens even out, moving few rows; ``widths[r]``
+    are rank ``r``'s rows' token counts. A rank above the mean gives away, largest first, each row
+    whose removal brings it closer to the mean (rows without tokens stay); the rows given away
+    go, longest first, each to the rank with the fewest tokens at that point. Returns, per rank,
+    ``(source rank, row)`` of its rows: its own kept rows in order, then those it receives. A
+    pure function of ``widths``, so every rank computes the same plan."""
+    ranks = len(widths)
+    loads = [float(sum(w)) for w in widths]
+    target = sum(loads) / ranks
+    kept = [set(range(len(w))) for w in widths]
+    pool = []
+    for r in range(ranks):
+        for i in sorted(range(len(widths[r])), key=lambda i: (-widths[r][i], i)):
+            width = widths[r][i]
+            if 0 < width < 2 * (loads[r] - target):  # |load - target| shrinks
+                kept[r].discard(i)
+                loads[r] -= width
+                pool.append((width, r, i))
+    received: list[list[tuple[int, int]]] = [[] for _ in range(ranks)]
+    for width, r, i in sorted(pool, key=lambda item: (-item[0], item[1], item[2])):
+        to = min(range(ranks), key=lambda q: (loads[q], q))
+        loads[to] += width
+        received[to].append((r, i))
+    return [[(r, i) for i in sorted(kept[r])] + received[r] for r in range(ranks)]
+
+
+def balanced_plans(widths: list[list[int]], state: ParallelState) -> tuple[list, list]:
+    """``balance_plan`` of each minibatch over the DP ranks, from this rank's ``widths[m]`` (one
+    list per minibatch); also every rank's widths (``everyone[rank][m][row]``)."""
+    everyone: list = [None] * state.data_parallel
+    dist.all_gather_object(everyone, widths, group=state.dp_group)
+    return [balance_plan([everyone[r][m] for r in range(state.data_parallel)]) for m in range(len(widths))], everyone
+
+
+def exchange_rows(wholes: list[MicroBatch], plans: list, state: ParallelState) -> list[MicroBatch]:
+    """Per minibatch ``m``, the rows ``plans[m][this rank]`` in that order, each from the rank
+    that holds it (one all-gather of the rows that move), at the widest of their widths; a rank
+    left with none gets a silent copy of one of its rows."""
+    me, ranks = state.dp_rank, state.data_parallel
+    outgoing = []
+    for whole, plan in zip(wholes, plans):
+        given = sorted({i for r in range(ranks) if r != me for src, i in plan[r] if src == me})
+        outgoing.append((given, whole.take(given, whole.tokens.size(1)) if given else None))
+    gathered: list = [None] * ranks
+    dist.all_gather_object(gathered, outgoing, group=state.dp_group)
+    out = []
+    for m, (whole, plan) in enumerate(zip(wholes, plans)):
+        pieces = []
+        for src, i in plan[me]:
+            if src == me:
+                pieces.append(whole.take([i], whole.tokens.size(1)))
+            else:
+                given, moved = gathered[src][m]
+                pieces.append(moved.take([given.index(i)], moved.tokens.size(1)))
+        if not pieces:
+            out.append(masked(whole.take([0], whole.tokens.size(1))))
+            continue
+        width = max(piece.tokens.size(1) for piece in pieces)
+        out.append(MicroBatch.concat([piece.widened(width) for piece in pieces]))
+    return out
 
 
 # ------------------------------------------------------------------------------ the mixed batch
@@ -307,23 +412,27 @@ class PolicyForwards:
 
 def rows_forward(forward: Callable[[list[MicroBatch]], torch.Tensor], rows: PackedRows, needed: torch.Tensor,
                  known: torch.Tensor, micro_batch_size: int, group: int, max_tokens: int = 0,
-                 packed: bool = False) -> torch.Tensor:
+                 packed: bool = False, state: ParallelState | None = None, balance: bool = False) -> torch.Tensor:
     """``known`` with the rows where ``needed`` replaced by ``forward`` of those rows only; 0
     outside the mask. The needed rows are selected from the packing (same positions) and padded
     to whole micro-batches (a multiple of ``group``), or grouped under ``max_tokens`` when set
-    (``packed``: end to end);
-    nothing runs when none is needed (rows without loss tokens, the padding copies, never are)."""
+    (``packed``: end to end; ``balance``: spread over the DP ranks, see ``budget_forwards``);
+    nothing runs when none is needed (rows without loss tokens, the padding copies, never are).
+    With ``balance`` every DP rank must call it (it exchanges rows), none needed or not."""
     mask = rows.mask
     index = (needed & (mask.sum(-1) > 0)).nonzero().flatten().tolist()
     out = known * mask
-    if not index:
+    balance = balance and max_tokens > 0 and state is not None and state.data_parallel > 1
+    if not index and not balance:
         return out
     if max_tokens:
-        selected = rows.select(index)
-        micro, order = budget_split(selected.micro_batches(len(index))[0], selected.mask, max_tokens, rows.multiple,
-                                    group=group, packed=packed)
-        width = selected.width
-        out[index, :width] = scatter_rows(forward(micro), order, len(index), width) * mask[index, :width]
+        selected = rows.select(index or [0])
+        selected_mask = selected.mask if index else torch.zeros_like(selected.mask)  # nothing of its own to compute
+        (computed,) = budget_forwards([forward], selected.micro_batches(len(selected.mask))[0], selected_mask,
+                                      max_tokens, rows.multiple, state, group=group, packed=packed, balance=balance)
+        if index:
+            width = selected.width
+            out[index, :width] = computed[:, :width] * mask[index, :width]
         return out
     padded, real = pad_rows(index, micro_batch_size * group)
     computed = forward(rows.select(padded).micro_batches(micro_batch_size)).cpu().float()
@@ -334,7 +443,8 @@ def rows_forward(forward: Callable[[list[MicroBatch]], torch.Tensor], rows: Pack
 
 def batch_forwards(batch: TrainingBatch, *, actor: Sequence, ref: Sequence | None, prev: Sequence | None,
                    critic: Sequence | None, micro_batch_size: int, state: ParallelState,
-                   reuse_known: bool = True, max_tokens: int = 0, packed: bool = False) -> PolicyForwards:
+                   reuse_known: bool = True, max_tokens: int = 0, packed: bool = False,
+                   balance: bool = False) -> PolicyForwards:
     """pi_k, reference and precedent log-probs and critic values on the batch (model chunks
     given; a model passed as None is not run: its loss weight is 0 and no metric asks for it).
 
@@ -355,7 +465,7 @@ def batch_forwards(batch: TrainingBatch, *, actor: Sequence, ref: Sequence | Non
             forward = lambda micro: forward_values(chunks, micro, state)  # noqa: E731
         else:
             forward = lambda micro: forward_logprobs(chunks, micro, state)[0]  # noqa: E731
-        return rows_forward(forward, rows, needed, known, micro_batch_size, group, max_tokens, packed)
+        return rows_forward(forward, rows, needed, known, micro_batch_size, group, max_tokens, packed, state, balance)
 
     return PolicyForwards(
         pik=run(actor, replayed, rows.behaviour),
@@ -379,19 +489,22 @@ def single_on_policy_pass(current: Phase, fresh_rows: int, cfg: ExperimentConfig
 
 def recompute_behaviour(records: list[Trajectory], *, actor: Sequence, critic: Sequence | None,
                         micro_batch_size: int, seq_length: int, state: ParallelState, max_tokens: int = 0,
-                        packed: bool = False) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+                        packed: bool = False, balance: bool = False
+                        ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
     """The actor's log-probs (and the critic's values) on each record's kept response tokens
     (in micro-batches of ``micro_batch_size`` rows, or under ``max_tokens`` when set, ``packed``
-    end to end)."""
+    end to end, ``balance``: spread over the DP ranks, see ``budget_forwards``)."""
     if not records:
         return [], ([] if critic is not None else None)
     if max_tokens:
         rows = pack(records, seq_length, multiple=pack_multiple(state))
-        micro, order = budget_split(rows.micro_batches(len(records))[0], rows.mask, max_tokens, rows.multiple,
-                                    group=micro_batch_group(state), packed=packed)
-        logprobs = scatter_rows(forward_logprobs(actor, micro, state)[0], order, len(records), rows.width)
-        values = None if critic is None else scatter_rows(forward_values(critic, micro, state), order, len(records),
-                                                          rows.width)
+        forwards = [lambda micro: forward_logprobs(actor, micro, state)[0]]
+        if critic is not None:
+            forwards.append(lambda micro: forward_values(critic, micro, state))
+        computed = budget_forwards(forwards, rows.micro_batches(len(records))[0], rows.mask, max_tokens,
+                                   rows.multiple, state, group=micro_batch_group(state), packed=packed,
+                                   balance=balance)
+        logprobs, values = computed[0], computed[1] if critic is not None else None
     else:
         padded, _ = pad_rows(records, micro_batch_size * micro_batch_group(state))
         micro = pack(padded, seq_length, multiple=pack_multiple(state)).micro_batches(micro_batch_size)

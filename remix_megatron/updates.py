@@ -38,17 +38,18 @@ class NonFiniteLossError(RuntimeError):
 
 
 def utd_passes(micro_batches: list, *, utd: int, steps: int, seed: Sequence[int], state: ParallelState,
-               max_tokens: int = 0, multiple: int = 8, packed: bool = False) -> list[list]:
+               max_tokens: int = 0, multiple: int = 8, packed: bool = False, balance: bool = False) -> list[list]:
     """Every minibatch once per UTD pass, in a fresh seeded order each pass: the minibatches of all
     passes. With ``max_tokens`` each minibatch holds the same rows, regrouped under that budget
-    (widths rounded up to ``multiple``; ``packed``: rows end to end, lengths a multiple)."""
+    (widths rounded up to ``multiple``; ``packed``: rows end to end, lengths a multiple), and
+    with ``balance`` the same rows over all DP ranks, moved so the ranks' tokens even out."""
     group = micro_batch_group(state)
     if not max_tokens:
         return [minibatch for utd_pass in range(utd)
                 for minibatch in minibatches(micro_batches, steps, (*seed, utd_pass, state.dp_rank), group)]
     parts = [part for utd_pass in range(utd)
              for part in minibatches(micro_batches, steps, (*seed, utd_pass, state.dp_rank))]
-    return budget_minibatches(parts, max_tokens, multiple, state, packed=packed)
+    return budget_minibatches(parts, max_tokens, multiple, state, packed=packed, balance=balance)
 
 
 def update(model, passes: list[list], builder, state: ParallelState, counters: dict, limit: int, name: str, *,
@@ -120,7 +121,8 @@ def prepare(k: int, batch: TrainingBatch, models: Models, cfg: ExperimentConfig,
                               prev=models.prev if prev_weight > 0 or every or alg.drift_control else None,
                               critic=models.critic.chunks if models.critic is not None else None,
                               micro_batch_size=trainer.micro_batch_size, state=state,
-                              max_tokens=trainer.max_tokens_per_micro_batch, packed=trainer.packed_sequences)
+                              max_tokens=trainer.max_tokens_per_micro_batch, packed=trainer.packed_sequences,
+                              balance=trainer.balance_data_parallel)
     drift = drift_metrics(batch, forwards, alg, state)
     copy_weights(models.actor.unwrapped(), models.prev)
     estimate = estimate_advantages(batch, forwards, alg, state)
@@ -142,7 +144,7 @@ def learn(k: int, prepared: PreparedBatch, batch: TrainingBatch, models: Models,
     set_learning_rates(k, models, prepared.drift, cfg, counters)
     apply, limit, seed = trainer.control != "no_update", trainer.max_skipped_steps, (trainer.seed, k)
     budget = dict(max_tokens=trainer.max_tokens_per_micro_batch, multiple=batch.rows.multiple,
-                  packed=trainer.packed_sequences)
+                  packed=trainer.packed_sequences, balance=trainer.balance_data_parallel)
 
     def run(name: str, model, batches: list[MicroBatch], builder) -> dict[str, float]:
         hook = None if after_backward is None else lambda index: after_backward(name, index)

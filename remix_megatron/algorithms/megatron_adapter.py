@@ -122,6 +122,15 @@ class MicroBatch:
         return MicroBatch(tokens=cut(self.tokens), labels=cut(self.labels), actor=_map_record(self.actor, cut),
                           critic=_map_record(self.critic, cut))
 
+    def widened(self, width: int) -> "MicroBatch":
+        """Its ``[b, s]`` tensors right-padded with zeros to ``width`` positions (no loss there)."""
+        extra = width - self.tokens.size(1)
+        if extra <= 0:
+            return self
+        pad = lambda t: F.pad(t, (0, extra)) if t.dim() == 2 else t  # noqa: E731
+        return MicroBatch(tokens=pad(self.tokens), labels=pad(self.labels), actor=_map_record(self.actor, pad),
+                          critic=_map_record(self.critic, pad))
+
     @staticmethod
     def concat(batches: Sequence["MicroBatch"]) -> "MicroBatch":
         """All rows of ``batches`` (of one width) as one micro-batch."""

@@ -179,6 +179,10 @@ class TrainerConfig:
         "token budget of a micro-batch (rows x its longest row, padding counted): rows of each minibatch are "
         "grouped longest first under it, each micro-batch at its own width; 0 = off: micro_batch_size rows per "
         "micro-batch at the batch's width. micro_batch_size still sets how minibatches are cut", 0)
+    balance_data_parallel: bool = doc(
+        "with max_tokens_per_micro_batch and DP > 1: move rows between data-parallel ranks so each trains and "
+        "computes about the same number of tokens (a rank with the long tail no longer holds the others up); the "
+        "gradient is unchanged (per-token losses are normalised over every DP rank)", True)
     packed_sequences: bool = doc(
         "token-budget micro-batches packed end to end without padding (THD layout, Megatron's PackedSeqParams): "
         "GPU with the TransformerEngine spec only; needs max_tokens_per_micro_batch", False)

@@ -4,7 +4,9 @@ micro-batches, for the behaviour recompute, the forward passes and each minibatc
 python -m torch.distributed.run --nproc_per_node N -m tests.distributed.token_budget_worker TINY OUT BUDGET [overrides]
 
 Responses have lengths from 1 to 40 tokens (widths 8 to 48), so budgeted micro-batches differ
-in rows and width; each DP rank gets a different number of rows. With the overrides
+in rows and width; each DP rank gets a different number of rows. The override ``skew=1`` gives
+DP rank 0 short responses (1-8 tokens) and the others long ones (24-40): the long tail on one side,
+for ``trainer.balance_data_parallel`` to even out. With the overrides
 ``trainer.packed_sequences=true trainer.max_tokens_per_micro_batch=BUDGET`` (GPU, TransformerEngine)
 the budgeted side is packed end to end (THD).
 """
@@ -27,11 +29,11 @@ from remix_megatron.updates import utd_passes
 from tests.distributed.forwards_worker import perturb
 
 
-def records_for(prompts, seed: int) -> list[Trajectory]:
+def records_for(prompts, seed: int, lengths: tuple[int, int] = (1, 41)) -> list[Trajectory]:
     rng = np.random.default_rng(seed)
     out = []
     for index, prompt in enumerate(prompts):
-        response = rng.integers(4, 36, size=int(rng.integers(1, 41)))
+        response = rng.integers(4, 36, size=int(rng.integers(*lengths)))
         out.append(Trajectory(iteration=1, prompt_id=prompt.id, group_id=index, prompt_tokens=prompt.token_ids,
                               response_tokens=response, reward=float(rng.integers(0, 2)),
                               behaviour_logprobs=np.zeros(response.size, dtype=np.float32), finish_reason="stop"))
@@ -61,20 +63,29 @@ def minibatch_gaps(model, passes_fixed, passes_budget, builder, state) -> list[f
     return gaps
 
 
+def padded_tokens(batches) -> int:
+    """Positions a rank computes for these micro-batches (rows x width; packed: the sequence)."""
+    return int(sum(b.tokens.numel() for b in batches))
+
+
 def main(tiny: str, out: str, budget: str, *overrides: str) -> None:
     budget = int(budget)
+    skew = "skew=1" in overrides
+    overrides = tuple(o for o in overrides if o != "skew=1")
     cfg = load_config("configs/tiny_remix_ppo.yaml", [f"model.hf_path={tiny}", f"data.train_path={tiny}/train.jsonl",
                                                       "trainer.micro_batch_size=4", *overrides])
     state = init_parallel(cfg)
     models = build_models(cfg, state, with_critic=True)
     source = PromptSource(load_records(cfg.data.train_path)[:40], load_tokenizer(tiny), template=cfg.data.template,
                           max_prompt_tokens=cfg.rollout.max_prompt_tokens)
-    records = records_for(source.prompts[: 30 + 7 * state.dp_rank], seed=10 + state.dp_rank)
+    lengths = ((1, 9) if state.dp_rank == 0 else (24, 41)) if skew else (1, 41)
+    records = records_for(source.prompts[: 30 + 7 * state.dp_rank], seed=10 + state.dp_rank, lengths=lengths)
     common = dict(actor=models.actor.chunks, critic=models.critic.chunks, micro_batch_size=4,
                   seq_length=cfg.trainer.seq_length, state=state)
     behaviour, values = batching.recompute_behaviour(records, **common)
-    packed = cfg.trainer.packed_sequences
-    behaviour_budget, values_budget = batching.recompute_behaviour(records, **common, max_tokens=budget, packed=packed)
+    packed, balance = cfg.trainer.packed_sequences, cfg.trainer.balance_data_parallel
+    behaviour_budget, values_budget = batching.recompute_behaviour(records, **common, max_tokens=budget, packed=packed,
+                                                                   balance=balance)
     result = {"recompute_gap": max(float(np.abs(a - b).max(initial=0)) for a, b in
                                    zip(behaviour + values, behaviour_budget + values_budget, strict=True))}
     records = [Trajectory(iteration=r.iteration, prompt_id=r.prompt_id, group_id=r.group_id,
@@ -89,7 +100,7 @@ def main(tiny: str, out: str, budget: str, *overrides: str) -> None:
     run = dict(actor=models.actor.chunks, ref=models.ref, prev=models.prev, critic=models.critic.chunks,
                micro_batch_size=4, state=state)
     fixed = batching.batch_forwards(batch, **run)
-    budgeted = batching.batch_forwards(batch, **run, max_tokens=budget, packed=packed)
+    budgeted = batching.batch_forwards(batch, **run, max_tokens=budget, packed=packed, balance=balance)
     result["forward_gap"] = max(float((a - b).abs().max()) for a, b in
                                 zip((fixed.pik, fixed.ref, fixed.prev, fixed.values),
                                     (budgeted.pik, budgeted.ref, budgeted.prev, budgeted.values)))
@@ -101,10 +112,12 @@ def main(tiny: str, out: str, budget: str, *overrides: str) -> None:
              actor_loss_builder(cfg.algorithm, state, kl_lambda=kl_lambda(2, cfg.algorithm))),
             ("critic", models.critic, critic_batches, critic_loss_builder(cfg.algorithm))):
         passes_fixed = utd_passes(micro, **plan)
-        passes_budget = utd_passes(micro, **plan, max_tokens=budget, multiple=batch.rows.multiple, packed=packed)
+        passes_budget = utd_passes(micro, **plan, max_tokens=budget, multiple=batch.rows.multiple, packed=packed,
+                                   balance=balance)
         result[f"{name}_gaps"] = minibatch_gaps(model, passes_fixed, passes_budget, builder, state)
         result[f"{name}_tokens"] = [[loss_tokens(part) for part in passes] for passes in (passes_fixed, passes_budget)]
         result[f"{name}_counts"] = [len(part) for part in passes_budget]
+        result[f"{name}_padded"] = [padded_tokens(part) for part in passes_budget]
         result[f"{name}_shapes"] = [[list(b.tokens.shape) for b in part] for part in passes_budget]
     result["steps"] = batch.steps
     with open(f"{out}.rank{state.rank}.json", "w") as f:
