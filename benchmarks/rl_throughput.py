@@ -79,11 +79,11 @@ def matmul_gflops(repeats: int = 200, dtype=None) -> float:
 
 def cpu_bf16() -> str:
     """Whether this CPU multiplies bf16 natively (AVX-512 BF16 / AMX), from /proc/cpuinfo."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
+    from remix_megatron.validation import native_cpu_bf16
+
+    native = native_cpu_bf16()
+    if native is None:
         return "unknown"
-    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
     return ", ".join(native) if native else "none (bf16 matmuls are emulated: slower than fp32 here)"
 
 
