@@ -45,6 +45,7 @@ def collect(k: int, prompts, cfg: ExperimentConfig, state: ParallelState, engine
     log-probs as behaviour, when the engine gives them (else the actor recomputes them anyway)."""
     mine = [(index, prompt) for index, prompt in enumerate(prompts) if index % state.data_parallel == state.dp_rank]
     if not mine:
+        _every_rank_recomputes(False, cfg, state)
         return RolloutResult(records=[], texts=[], logprob_gap=None)
     params = SamplingParams(n=cfg.rollout.responses_per_prompt, temperature=cfg.rollout.temperature,
                             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
@@ -63,12 +64,13 @@ def collect(k: int, prompts, cfg: ExperimentConfig, state: ParallelState, engine
                          finish_reason=g.finish_reason, extra={"grpo_advantage": 0.0})
               for (index, prompt, g), score in zip(flat, scores)]
     recompute = recompute or critic is not None or any(g.logprobs is None for _, _, g in flat)
+    balance = _every_rank_recomputes(recompute, cfg, state)
     if recompute:
         behaviour, values = recompute_behaviour(drafts, actor=actor, critic=critic,
                                                 micro_batch_size=cfg.trainer.micro_batch_size,
                                                 seq_length=cfg.trainer.seq_length, state=state,
                                                 max_tokens=cfg.trainer.max_tokens_per_micro_batch,
-                                                packed=cfg.trainer.packed_sequences)
+                                                packed=cfg.trainer.packed_sequences, balance=balance)
     else:
         spans = response_spans(drafts, cfg.trainer.seq_length)
         behaviour = [g.logprobs[: span.stop - span.start] for (_, _, g), span in zip(flat, spans)]
@@ -92,6 +94,18 @@ def collect(k: int, prompts, cfg: ExperimentConfig, state: ParallelState, engine
         engine_lp = [g.logprobs[: r.response_length] for (_, _, g), r in zip(flat, records) if g.logprobs is not None]
         gap = logprob_gap(engine_lp, [r.behaviour_logprobs for r in records][: len(engine_lp)])
     return RolloutResult(records=records, texts=texts, logprob_gap=gap, recomputed=recompute)
+
+
+def _every_rank_recomputes(recompute: bool, cfg: ExperimentConfig, state: ParallelState) -> bool:
+    """Whether the behaviour recompute is balanced over the DP ranks this iteration: with
+    ``trainer.balance_data_parallel`` under a token budget, when every DP rank recomputes (a rank
+    without prompts, or whose engine gave log-probs, does not). Every rank calls it once per
+    collection, so the ranks agree in one all-reduce."""
+    if not (cfg.trainer.balance_data_parallel and cfg.trainer.max_tokens_per_micro_batch and state.data_parallel > 1):
+        return False
+    agreed = torch.tensor([1 if recompute else 0], dtype=torch.int64)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=state.dp_group)
+    return bool(agreed.item())
 
 
 def rollout_stats(result: RolloutResult, state: ParallelState) -> dict[str, float]:
