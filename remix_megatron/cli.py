@@ -218,7 +218,7 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
     import json
     import logging
 
-    from remix_megatron.data.tiny import build_tiny_model, tiny_model_dir
+    from remix_megatron.data.tiny import build_tiny_model, is_reference_build, tiny_model_dir
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress goes to stderr
     cached = not args.force and (tiny_model_dir(args.out) / "BUILD.json").is_file()
@@ -230,6 +230,11 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
     how = f"found in the cache (built earlier in {build['build_s']} s)" if cached else f"built in {build['build_s']} s"
     print(f"tiny model: {path} ({build['parameters']} parameters, held-out accuracy "
           f"{build['heldout_accuracy']:.3f} after {build['sft_steps']} SFT steps, {how})")
+    if is_reference_build(path):
+        print(f"weights {build['weights_sha256'][:16]}: the reference build, the model of the README's numbers")
+    else:
+        print(f"weights {build.get('weights_sha256', 'unrecorded')[:16]}: not the reference build (other kernels: "
+              "another CPU architecture, BLAS or torch); the README's numbers describe a different model")
     return 0
 
 

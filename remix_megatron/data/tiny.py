@@ -14,6 +14,14 @@ then saves an ordinary HF directory (config, safetensors, tokenizer, BUILD.json 
 accuracy reached) plus ``train.jsonl`` / ``heldout.jsonl`` prompt files (fields id, problem,
 answer). It is seeded and cached by its settings (under ``$REMIX_MEGATRON_CACHE`` or
 ``~/.cache/remix_megatron``), so it is built once per machine.
+
+The build runs in a subprocess with pinned kernels (``PINNED_KERNELS``): ATen's portable kernels
+instead of the AVX2/AVX-512 ones this CPU would pick, MKL's conditional numerical reproducibility
+mode ``COMPATIBLE`` and one thread. Unpinned, the SFT's float rounding follows the CPU's vector
+width, the threshold stop lands on another step, and the model (and every accuracy measured from
+it) depends on the machine that built it: an AVX-512 Intel build started RL at 0.242 held-out
+accuracy, an AVX2 EPYC build at 0.178. BUILD.json records the weights' SHA-256; a build equal to
+``REFERENCE_WEIGHTS_SHA256`` is the model the README's numbers were measured on.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +49,14 @@ WORDS = ("<think>", "</think>", "\\boxed{")  # one token each
 CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 TEMPLATE = "{problem}"  # the tiny task's prompt template (the paper's would swamp a 64-token context)
+# Kernels the build runs with, whatever the CPU and the caller's environment (see the module doc).
+# ONEDNN_MAX_CPU_ISA only matters if an op reaches oneDNN in fp32 (none measured does).
+PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41",
+                  "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# The default settings' build under PINNED_KERNELS on an x86-64 CPU (measured on an AMD EPYC, AVX2):
+# the model behind the README's numbers. Another value means other kernels (another architecture,
+# BLAS or torch), not a corrupt file: the numbers then describe a different model.
+REFERENCE_WEIGHTS_SHA256 = "3be08763e42d4df19615360ebb6a793c5af2413f6ec7fb51d3048459bbf179a0"
 
 
 @dataclass(frozen=True)
@@ -54,7 +72,7 @@ class TinySettings:
     lr: float = 3e-3
     eval_every: int = 5  # accuracy climbs from 0 to ~0.5 within ~20 steps: often, then every step
     eval_size: int = 128
-    version: int = 4  # 3: <think>, </think>, \\boxed{ are single tokens; 4: no token_type_ids from the tokenizer
+    version: int = 5  # 3: <think>, </think>, \\boxed{ single tokens; 4: no token_type_ids; 5: pinned kernels
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -182,27 +200,57 @@ def tiny_model_dir(out_dir: str | os.PathLike | None = None, settings: TinySetti
     return Path(out_dir) if out_dir else default_cache_dir() / f"tiny-arith-{settings.key()}"
 
 
+def weights_sha256(model) -> str:
+    """SHA-256 over the parameters' bytes in name order: equal only for bitwise-equal weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def build_tiny_model(out_dir: str | os.PathLike | None = None, settings: TinySettings = TinySettings(), *,
                      force: bool = False) -> Path:
-    """Build (or reuse from the cache) the SFT-ed tiny arithmetic model; returns its HF directory."""
-    import torch
-    from transformers import Qwen2ForCausalLM
+    """Build (or reuse from the cache) the SFT-ed tiny arithmetic model; returns its HF directory.
 
+    The build itself runs in a fresh interpreter under ``PINNED_KERNELS`` (they must be set before
+    torch loads), inheriting this process's stderr for its progress lines."""
     out = tiny_model_dir(out_dir, settings)
     if (out / "BUILD.json").is_file() and not force:
         return out
+    env = {**os.environ, **PINNED_KERNELS}
+    level = logging.getLogger().getEffectiveLevel()
+    result = subprocess.run([sys.executable, "-m", "remix_megatron.data.tiny", str(out),
+                             json.dumps(asdict(settings)), str(level)], env=env)
+    if result.returncode != 0 or not (out / "BUILD.json").is_file():
+        raise RuntimeError(f"building the tiny model into {out} failed (exit {result.returncode}); "
+                           "its output is above")
+    return out
+
+
+def _build_pinned(out: Path, settings: TinySettings) -> None:
+    """The build proper; runs under ``PINNED_KERNELS`` (``python -m remix_megatron.data.tiny``)."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    unpinned = {k: os.environ.get(k) for k, v in PINNED_KERNELS.items() if os.environ.get(k) != v}
+    if unpinned or torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+        raise RuntimeError(f"the tiny model must be built under {PINNED_KERNELS}; differs: {unpinned}, "
+                           f"ATen capability {torch.backends.cpu.get_cpu_capability()}")
+    torch.set_num_threads(1)
     start = time.monotonic()
     tokenizer = make_tokenizer()
     torch.manual_seed(settings.seed)
     model = Qwen2ForCausalLM(_model_config(settings, vocab_size=64))
     heldout = split_problems(settings, "heldout", settings.eval_size)
     accuracy, steps = _train(settings, model, tokenizer, heldout)
-    staging = out.with_name(out.name + ".tmp")
+    staging = out.with_name(out.name + f".tmp{os.getpid()}")  # concurrent builders never share a staging dir
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     build = {"settings": asdict(settings), "heldout_accuracy": accuracy, "sft_steps": steps,
              "parameters": sum(p.numel() for p in model.parameters()), "build_s": round(time.monotonic() - start, 1),
+             "weights_sha256": weights_sha256(model), "kernels": PINNED_KERNELS, "torch": torch.__version__,
              "task": "a+b= (2 digits) -> <think>reversed sum</think> \\boxed{sum}"}
     (staging / "BUILD.json").write_text(json.dumps(build, indent=1))
     for split, count in (("train", 4096), ("heldout", 512)):  # SFT evaluated on the first eval_size
@@ -211,4 +259,15 @@ def build_tiny_model(out_dir: str | os.PathLike | None = None, settings: TinySet
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staging, out)
-    return out
+
+
+def is_reference_build(model_dir: str | os.PathLike) -> bool:
+    """Whether ``model_dir`` holds the model the README's numbers were measured on."""
+    build_file = Path(model_dir) / "BUILD.json"
+    build = json.loads(build_file.read_text()) if build_file.is_file() else {}
+    return REFERENCE_WEIGHTS_SHA256 is not None and build.get("weights_sha256") == REFERENCE_WEIGHTS_SHA256
+
+
+if __name__ == "__main__":  # the pinned build's subprocess: OUT SETTINGS_JSON LOG_LEVEL
+    logging.basicConfig(level=int(sys.argv[3]), format="%(message)s")
+    _build_pinned(Path(sys.argv[1]), TinySettings(**json.loads(sys.argv[2])))

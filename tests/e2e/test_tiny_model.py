@@ -59,3 +59,54 @@ def test_loads_into_megatron_with_transformers_logits(tiny_dir):
     out = run_cli(["convert", "verify-hf", "configs/tiny_cpu.yaml", f"model.hf_path={tiny_dir}",
                    "parallel.tensor_parallel=2", "parallel.pipeline_parallel=1"], nproc=2).stdout
     assert "OK" in out, out
+
+
+def _safetensors_sha256(model_dir) -> str:
+    """The weights' hash computed from the saved file, independently of BUILD.json's record."""
+    import hashlib
+
+    from safetensors.numpy import load_file
+
+    digest = hashlib.sha256()
+    for name, array in sorted(load_file(str(model_dir / "model.safetensors")).items()):
+        digest.update(name.encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def test_build_does_not_depend_on_the_callers_kernels(tmp_path):
+    """The kernels a CPU picks (ATen's vector width, MKL's code branch, threads) change the SFT's
+    rounding, so unpinned two builds differ bitwise; the build pins them, so the weights are the same
+    whatever the caller's environment. (That two different CPUs then agree is expected from the same
+    portable kernels, not shown here: this test has one CPU.)"""
+    import os
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    from remix_megatron.data.tiny import TinySettings
+
+    settings = asdict(TinySettings(max_steps=3, eval_every=10**6, target_accuracy=2.0))  # 3 steps, no eval
+    callers = ({"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AUTO", "OMP_NUM_THREADS": "2"},
+               {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "AVX2", "OMP_NUM_THREADS": "1"})
+    unpinned = ("import json, sys, torch; from transformers import Qwen2ForCausalLM\n"
+                "from remix_megatron.data import tiny\n"
+                "s = tiny.TinySettings(**json.loads(sys.argv[1])); torch.manual_seed(s.seed)\n"
+                "m = Qwen2ForCausalLM(tiny._model_config(s, 64))\n"
+                "tiny._train(s, m, tiny.make_tokenizer(), []); print(tiny.weights_sha256(m))")
+    pinned = ("import json, sys; from remix_megatron.data import tiny\n"
+              "tiny.build_tiny_model(sys.argv[2], tiny.TinySettings(**json.loads(sys.argv[1])))")
+    unpinned_hashes, pinned_hashes = [], []
+    for i, caller in enumerate(callers):
+        env = {**os.environ, **caller}
+        run = subprocess.run([sys.executable, "-c", unpinned, json.dumps(settings)], env=env, capture_output=True,
+                             text=True, check=True)
+        unpinned_hashes.append(run.stdout.split()[-1])
+        out = tmp_path / f"build{i}"
+        subprocess.run([sys.executable, "-c", pinned, json.dumps(settings), str(out)], env=env, check=True)
+        build = json.loads((out / "BUILD.json").read_text())
+        assert build["sft_steps"] == 3 and build["kernels"]["ATEN_CPU_CAPABILITY"] == "default"
+        assert build["weights_sha256"] == _safetensors_sha256(out)
+        pinned_hashes.append(build["weights_sha256"])
+    assert unpinned_hashes[0] != unpinned_hashes[1], "the callers' kernels should round differently unpinned"
+    assert pinned_hashes[0] == pinned_hashes[1]
