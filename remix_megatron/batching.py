@@ -255,24 +255,16 @@ def budget_forwards(forwards: Sequence[Callable[[list[MicroBatch]], torch.Tensor
     mine_widths = [everyone[src][0][i] for src, i in plan[me]]
     micro, order = budget_micro_batches(mine, mine_widths, budget, 1, group, multiple if packed else 0)
     computed = [scatter_rows(forward(micro), order, len(mine_widths), mine.tokens.size(1)) for forward in forwards]
-    # results of rows computed for another rank go back to it
-    going_back: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
-    for position, (src, i) in enumerate(plan[me]):
-        if src != me:
-            going_back.setdefault(src, ([], []))[0].append(position)
-    going_back = {src: ([plan[me][p][1] for p in positions], [c[positions] for c in computed])
-                  for src, (positions, _) in going_back.items()}
+    # each source rank's rows computed here, as (its row indices, the results); other ranks' go back to them
+    positions: dict[int, list[int]] = {}
+    for position, (src, _) in enumerate(plan[me]):
+        positions.setdefault(src, []).append(position)
+    results = {src: ([plan[me][p][1] for p in ps], [c[ps] for c in computed]) for src, ps in positions.items()}
     returned: list = [None] * state.data_parallel
-    dist.all_gather_object(returned, going_back, group=state.dp_group)
+    dist.all_gather_object(returned, {src: r for src, r in results.items() if src != me}, group=state.dp_group)
     out = [torch.zeros(rows, width) for _ in forwards]
-    for position, (src, i) in enumerate(plan[me]):
-        if src == me:
-            for o, c in zip(out, computed):
-                n = min(width, c.size(1))
-                o[i, :n] = c[position, :n]
-    for other in returned:
-        indices, results = other.get(me, ([], []))
-        for o, c in zip(out, results):
+    for indices, tensors in (results.get(me, ([], [])), *(other.get(me, ([], [])) for other in returned)):
+        for o, c in zip(out, tensors):
             n = min(width, c.size(1))
             o[indices, :n] = c[:, :n]
     return out

@@ -218,7 +218,9 @@ def build_tiny_model(out_dir: str | os.PathLike | None = None, settings: TinySet
     out = tiny_model_dir(out_dir, settings)
     if (out / "BUILD.json").is_file() and not force:
         return out
-    env = {**os.environ, **PINNED_KERNELS}
+    root = str(Path(__file__).resolve().parents[2])  # this package's tree, however the caller imported it
+    env = {**os.environ, **PINNED_KERNELS,
+           "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
     level = logging.getLogger().getEffectiveLevel()
     result = subprocess.run([sys.executable, "-m", "remix_megatron.data.tiny", str(out),
                              json.dumps(asdict(settings)), str(level)], env=env)

@@ -32,8 +32,9 @@ def test_bf16_mix_phase_raises_accuracy(tmp_path):
     assert len(gaps) == 20 and 1e-4 < min(gaps) and max(gaps) < 0.05, gaps
     # seeds 1234, 0, 1 from 0.242 at T = 20: bf16 0.482, 0.605, 0.553 (+24 to +36 points); fp32 0.523, 0.590, 0.590.
     # On a tiny model that is not the reference build the Mix phase may not rise (an unpinned AVX2
-    # build, start 0.178: bf16 0.178, 0.141, 0.170): test_main_job's expected failure, README "Known problem".
+    # build, start 0.178: bf16 0.178, 0.141, 0.170): test_main_job's expected failure, and the
+    # README's "The tiny model is a pinned build".
     if accuracy[-1] - accuracy[0] < 0.15 and not is_reference_build(tiny):
         pytest.xfail(f"Mix phase on a tiny model that is not the reference build: {accuracy}; "
-                     "see README 'Known problem'")
+                     "see README 'The tiny model is a pinned build'")
     assert accuracy[-1] - accuracy[0] >= 0.15, accuracy

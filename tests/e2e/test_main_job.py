@@ -34,8 +34,8 @@ def test_main_job_improves_accuracy(tmp_path):
     # kernels differ (another CPU architecture, BLAS or torch: the build pins them on x86-64) the
     # model is another one, and on one such build (unpinned, AVX2, start 0.178) the Mix phase fell
     # (0.115, 0.096, 0.146 at T = 10 for seeds 1234, 0, 1) before reincarnation lifted it to 0.469 at
-    # 120: the README's "Known problem". There the check is reported as an expected failure.
+    # 120 (README, "The tiny model is a pinned build"). There the check is reported as an expected failure.
     if not rises and not is_reference_build(tiny):
         pytest.xfail(f"Mix phase on a tiny model that is not the reference build: held-out {accuracy[0]:.3f} "
-                     f"-> {mix} through T = 20; see README 'Known problem'")
+                     f"-> {mix} through T = 20; see README 'The tiny model is a pinned build'")
     assert rises, (accuracy[0], mix)
