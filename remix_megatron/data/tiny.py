@@ -267,7 +267,7 @@ def is_reference_build(model_dir: str | os.PathLike) -> bool:
     """Whether ``model_dir`` holds the model the README's numbers were measured on."""
     build_file = Path(model_dir) / "BUILD.json"
     build = json.loads(build_file.read_text()) if build_file.is_file() else {}
-    return REFERENCE_WEIGHTS_SHA256 is not None and build.get("weights_sha256") == REFERENCE_WEIGHTS_SHA256
+    return build.get("weights_sha256") == REFERENCE_WEIGHTS_SHA256
 
 
 if __name__ == "__main__":  # the pinned build's subprocess: OUT SETTINGS_JSON LOG_LEVEL
