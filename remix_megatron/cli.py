@@ -234,7 +234,8 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
         print(f"weights {build['weights_sha256'][:16]}: the reference build, the model of the README's numbers")
     else:
         print(f"weights {build.get('weights_sha256', 'unrecorded')[:16]}: not the reference build (other kernels: "
-              "another CPU architecture, BLAS or torch); the README's numbers describe a different model")
+              "another CPU model, even another x86-64 one, or another BLAS or torch); the README's numbers "
+              "describe a different model")
     return 0
 
 

@@ -21,7 +21,9 @@ mode ``COMPATIBLE`` and one thread. Unpinned, the SFT's float rounding follows t
 width, the threshold stop lands on another step, and the model (and every accuracy measured from
 it) depends on the machine that built it: an AVX-512 Intel build started RL at 0.242 held-out
 accuracy, an AVX2 EPYC build at 0.178. BUILD.json records the weights' SHA-256; a build equal to
-``REFERENCE_WEIGHTS_SHA256`` is the model the README's numbers were measured on.
+``REFERENCE_WEIGHTS_SHA256`` is the model the README's numbers were measured on. The pinning removes
+the caller's environment from the build, not the CPU model: a pinned build on an Intel Xeon
+(AVX-512, AMX) gave other weights (192 SFT steps) than the reference EPYC build (235).
 """
 
 from __future__ import annotations
@@ -49,13 +51,14 @@ WORDS = ("<think>", "</think>", "\\boxed{")  # one token each
 CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 TEMPLATE = "{problem}"  # the tiny task's prompt template (the paper's would swamp a 64-token context)
-# Kernels the build runs with, whatever the CPU and the caller's environment (see the module doc).
+# Kernels the build runs with, whatever the caller's environment (see the module doc). They do not make
+# two CPU models agree: an Intel Xeon (AVX-512, AMX) built other weights than the EPYC below (README).
 # ONEDNN_MAX_CPU_ISA only matters if an op reaches oneDNN in fp32 (none measured does).
 PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41",
                   "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # The default settings' build under PINNED_KERNELS on an x86-64 CPU (measured on an AMD EPYC, AVX2):
-# the model behind the README's numbers. Another value means other kernels (another architecture,
-# BLAS or torch), not a corrupt file: the numbers then describe a different model.
+# the model behind the README's numbers. Another value means other kernels (another CPU model, even an
+# x86-64 one, BLAS or torch), not a corrupt file: the numbers then describe a different model.
 REFERENCE_WEIGHTS_SHA256 = "3be08763e42d4df19615360ebb6a793c5af2413f6ec7fb51d3048459bbf179a0"
 
 
