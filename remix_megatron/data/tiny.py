@@ -51,8 +51,7 @@ WORDS = ("<think>", "</think>", "\\boxed{")  # one token each
 CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 TEMPLATE = "{problem}"  # the tiny task's prompt template (the paper's would swamp a 64-token context)
-# Kernels the build runs with, whatever the caller's environment (see the module doc). They do not make
-# two CPU models agree: an Intel Xeon (AVX-512, AMX) built other weights than the EPYC below (README).
+# Kernels the build runs with, whatever the caller's environment (see the module doc: not the CPU model).
 # ONEDNN_MAX_CPU_ISA only matters if an op reaches oneDNN in fp32 (none measured does).
 PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41",
                   "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
